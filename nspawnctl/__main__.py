@@ -1,0 +1,3 @@
+from nspawnctl.cli import main
+
+raise SystemExit(main())

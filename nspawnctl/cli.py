@@ -1,0 +1,81 @@
+"""Command line parsing, and the one place where errors become exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from nspawnctl import __version__
+from nspawnctl.commands import add, exec, lifecycle, logs, remove, show
+from nspawnctl.errors import NspawnctlError
+from nspawnctl.log import log, setup
+from nspawnctl.paths import Paths, environment_variables
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# In the order `--help` lists them; each module registers its verbs.
+_COMMAND_MODULES = (add, remove, show, lifecycle, logs, exec)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse's own errors follow our one-line format and exit code.
+        self.print_usage(sys.stderr)
+        print(f"nspawnctl: error: {message}\nhint: see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env_help = "\n".join(
+        f"  {var:<24} default {default}" for var, default in environment_variables().items()
+    )
+    parser = _Parser(
+        prog="nspawnctl",
+        description="Socket-activated systemd-nspawn containers, one YAML file each.",
+        epilog=f"Environment (every location can be moved):\n{env_help}\n\n"
+        "See nspawnctl(1) and nspawnctl.yaml(5).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"nspawnctl {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="log every command and D-Bus failure; tracebacks on errors",
+    )
+    parser.add_argument(
+        "--config-dir",
+        type=Path,
+        metavar="DIR",
+        help="where NAME.yaml files live (default /etc/nspawnctl, or $NSPAWNCTL_CONFIG_DIR)",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=_Parser)
+    for module in _COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def verbs() -> list[str]:
+    """Every verb the parser knows, for the documentation test."""
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(action.choices)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup(args.debug)
+    paths = Paths.from_env(config_dir=args.config_dir)
+    try:
+        return int(args.handler(args, paths))
+    except NspawnctlError as err:
+        if args.debug:
+            log.exception("traceback")
+        print(f"nspawnctl: error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"hint: {err.hint}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("nspawnctl: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,115 @@
+"""add and render: both turn NAME [-f FILE] [--image/--ssh/--key] into a configuration."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from nspawnctl import container
+from nspawnctl.config import ContainerConfig, dump_config, load_config, load_yaml, parse_config
+from nspawnctl.errors import ConfigError, UsageError
+from nspawnctl.names import machine_name
+from nspawnctl.paths import Paths
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for verb, handler, help_text in (
+        ("add", run_add, "create a container and start its socket (the container is not booted)"),
+        ("render", run_render, "print every file `add` would write, touching nothing"),
+    ):
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p.add_argument("name", metavar="NAME", type=machine_name)
+        p.add_argument(
+            "-f",
+            "--file",
+            type=Path,
+            metavar="FILE",
+            help="the container's YAML (default: CONFIG_DIR/NAME.yaml)",
+        )
+        p.add_argument("--image", metavar="IMAGE", help="distro:release, e.g. debian:bookworm")
+        p.add_argument("--ssh", metavar="PORT", help="host port or ADDRESS:PORT for SSH")
+        p.add_argument(
+            "--key",
+            action="append",
+            default=[],
+            metavar="PUBKEY",
+            help="authorized public key (a key line or a .pub file); repeatable",
+        )
+        p.set_defaults(handler=handler)
+
+
+def resolve(args: argparse.Namespace, paths: Paths) -> tuple[ContainerConfig, str]:
+    """The configuration asked for, and the YAML text to keep in the config directory."""
+    name: str = args.name
+    config_path = paths.config_file(name)
+    flags = args.image is not None or args.ssh is not None or bool(args.key)
+    if args.file and flags:
+        raise UsageError(
+            "-f FILE and --image/--ssh/--key do not mix",
+            hint="put everything in the file, or give only options",
+        )
+    if args.file:
+        try:
+            text = args.file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(args.file, "", f"cannot read: {err}") from None
+        config = parse_config(name, load_yaml(text, args.file), args.file)
+        return _kept_as(config, text, config_path)
+    if flags:
+        if config_path.exists():
+            raise UsageError(
+                f"{config_path} exists already; options would replace it",
+                hint=f"edit it, then run `nspawnctl {args.verb} {name}` alone",
+            )
+        ssh: dict[str, object] = {"authorized_keys": args.key}
+        if args.ssh is not None:
+            ssh["listen"] = args.ssh
+        config = parse_config(
+            name, {"image": args.image or "debian:bookworm", "ssh": ssh}, Path("command line")
+        )
+        config = dataclasses.replace(config, source=config_path)
+        return config, dump_config(config)
+    if not config_path.exists():
+        raise UsageError(
+            f"no configuration for {name!r}",
+            hint=f"write {config_path}, or give `--ssh PORT --key PUBKEY`",
+        )
+    return load_config(name, config_path), config_path.read_text(encoding="utf-8")
+
+
+_OPTION_OF_KEY = {"image": "--image", "ssh.listen": "--ssh", "ssh.authorized_keys": "--key"}
+
+
+def _as_option_error(err: ConfigError) -> UsageError:
+    """A configuration built from options is wrong: name the option, not a YAML key."""
+    option = next((o for k, o in _OPTION_OF_KEY.items() if err.key.startswith(k)), err.key)
+    hint = f"give {option}" if err.problem == "is required" else err.hint
+    return UsageError(f"{option}: {err.problem}", hint=hint)
+
+
+def _kept_as(config: ContainerConfig, text: str, config_path: Path) -> tuple[ContainerConfig, str]:
+    """A file given with -f is copied as it is, unless it names key files relative to
+    its own directory: then its normalised form (keys inline) is kept instead."""
+    moved = dataclasses.replace(config, source=config_path)
+    try:
+        same = parse_config(config.name, load_yaml(text, config_path), config_path) == moved
+    except ConfigError:
+        same = False
+    return moved, text if same else dump_config(moved)
+
+
+def run_add(args: argparse.Namespace, paths: Paths) -> int:
+    config, text = resolve(args, paths)
+    container.add(paths, config, text)
+    return 0
+
+
+def run_render(args: argparse.Namespace, paths: Paths) -> int:
+    config, _text = resolve(args, paths)
+    rendering = container.rendering_for(paths, config)
+    for file in rendering.all_files(paths.machine_dir(config.name)):
+        print(f"# {file.path}")
+        print(file.text, end="" if file.text.endswith("\n") or not file.text else "\n")
+        print()
+    return 0

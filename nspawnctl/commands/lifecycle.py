@@ -1,0 +1,68 @@
+"""start, stop, restart, enable, disable: one D-Bus call each on the container's units."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from nspawnctl.bus import Systemd
+from nspawnctl.container import is_installed
+from nspawnctl.errors import UsageError
+from nspawnctl.log import log
+from nspawnctl.names import machine_name, service_unit, socket_unit
+from nspawnctl.paths import Paths
+
+Action = Callable[[Systemd, str], None]
+
+
+def _start(systemd: Systemd, name: str) -> None:
+    systemd.start(service_unit(name))
+
+
+def _stop(systemd: Systemd, name: str) -> None:
+    # Only the container: its socket keeps listening, so the next connection boots it.
+    systemd.stop(service_unit(name))
+
+
+def _restart(systemd: Systemd, name: str) -> None:
+    systemd.restart(service_unit(name))
+
+
+def _enable(systemd: Systemd, name: str) -> None:
+    systemd.enable([socket_unit(name)])
+    systemd.reload()
+
+
+def _disable(systemd: Systemd, name: str) -> None:
+    systemd.disable([socket_unit(name)])
+    systemd.reload()
+
+
+_VERBS: dict[str, tuple[Action, str, str]] = {
+    "start": (_start, "boot a container now (waits until its boot has finished)", "started"),
+    "stop": (_stop, "power a container off; its socket keeps listening", "stopped"),
+    "restart": (_restart, "power a container off and boot it again", "restarted"),
+    "enable": (_enable, "listen on the container's socket from the next boot on", "enabled"),
+    "disable": (_disable, "do not listen on the socket at boot any more", "disabled"),
+}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for verb, (_action, help_text, _done) in _VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p.add_argument("name", metavar="NAME", type=machine_name)
+        p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, paths: Paths) -> int:
+    action, _help, done = _VERBS[args.verb]
+    require_installed(paths, args.name)
+    with Systemd.connect() as systemd:
+        action(systemd, args.name)
+    log.info("%s %s", done, args.name)
+    return 0
+
+
+def require_installed(paths: Paths, name: str) -> None:
+    if not is_installed(paths, name):
+        raise UsageError(f"no container {name!r}", hint="see `nspawnctl list`")

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import argparse
+
+from nspawnctl import container
+from nspawnctl.names import machine_name
+from nspawnctl.paths import Paths
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    help_text = "stop a container and delete its units, tree and configuration"
+    p = sub.add_parser("remove", help=help_text, description=help_text)
+    p.add_argument("name", metavar="NAME", type=machine_name)
+    p.add_argument(
+        "--keep-rootfs",
+        action="store_true",
+        help="keep the container's tree in the machines directory",
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, paths: Paths) -> int:
+    container.remove(paths, args.name, keep_rootfs=args.keep_rootfs)
+    return 0

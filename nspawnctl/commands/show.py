@@ -1,0 +1,160 @@
+"""list and status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from nspawnctl.bus import Systemd, UnitState
+from nspawnctl.commands.lifecycle import require_installed
+from nspawnctl.config import load_config
+from nspawnctl.container import load_all
+from nspawnctl.errors import ConfigError
+from nspawnctl.log import log
+from nspawnctl.names import machine_name, service_unit, socket_unit
+from nspawnctl.paths import Paths
+
+_UNSET = 2**64 - 1  # systemd's "no value" for counters such as MemoryCurrent
+_CONTAINER_STATE = {
+    "active": "running",
+    "inactive": "stopped",
+    "activating": "booting",
+    "deactivating": "stopping",
+    "failed": "failed",
+}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("list", help="one row per container", description="one row per container")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=run_list)
+    help_text = "socket, container, machine, addresses, memory and uptime of a container"
+    p = sub.add_parser("status", help=help_text, description=help_text)
+    p.add_argument("name", metavar="NAME", type=machine_name)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=run_status)
+
+
+def _socket_state(state: UnitState) -> str:
+    return state.sub if state.active == "active" else str(state)
+
+
+def _container_state(state: UnitState) -> str:
+    return _CONTAINER_STATE.get(state.active, state.active) if state.load == "loaded" else "-"
+
+
+def run_list(args: argparse.Namespace, paths: Paths) -> int:
+    configs, errors = load_all(paths)
+    for err in errors:
+        log.warning("%s", err.message)
+    with Systemd.connect() as systemd:
+        states = systemd.states(
+            [u for c in configs for u in (socket_unit(c.name), service_unit(c.name))]
+        )
+    rows = [
+        {
+            "name": c.name,
+            "socket": _socket_state(states[socket_unit(c.name)]),
+            "container": _container_state(states[service_unit(c.name)]),
+            "listen": [str(listen) for _key, listen in c.listens()],
+            "image": str(c.image),
+        }
+        for c in configs
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 1 if errors else 0
+    table = [["NAME", "SOCKET", "CONTAINER", "LISTEN", "IMAGE"]]
+    table += [
+        [
+            str(r["name"]),
+            str(r["socket"]),
+            str(r["container"]),
+            ",".join(r["listen"]),
+            str(r["image"]),
+        ]
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 1 if errors else 0
+
+
+def status(paths: Paths, name: str) -> dict[str, Any]:
+    config = None
+    try:
+        config = load_config(name, paths.config_file(name))
+    except ConfigError as err:
+        log.warning("%s", err.message)
+    socket, service = socket_unit(name), service_unit(name)
+    with Systemd.connect() as systemd:
+        states = systemd.states([socket, service])
+        machine = systemd.machine(name)
+        running = states[service].active == "active"
+        memory = systemd.unit_property(service, "MemoryCurrent", "t") if running else _UNSET
+        since = systemd.unit_property(service, "ActiveEnterTimestamp", "t") if running else 0
+        enabled = systemd.unit_file_state(socket)
+    return {
+        "name": name,
+        "config": str(paths.config_file(name)),
+        "image": str(config.image) if config else None,
+        "listen": [str(listen) for _key, listen in config.listens()] if config else [],
+        "socket": {"unit": socket, "state": _socket_state(states[socket]), "enabled": enabled},
+        "container": {"unit": service, "state": _container_state(states[service])},
+        "machine": {"leader": machine.leader, "state": machine.state} if machine else None,
+        "memory_bytes": None if memory == _UNSET else int(memory),
+        "uptime_seconds": round(time.time() - since / 1e6, 1) if since else None,
+        "tree": str(paths.machine_dir(name)),
+    }
+
+
+def run_status(args: argparse.Namespace, paths: Paths) -> int:
+    require_installed(paths, args.name)
+    info = status(paths, args.name)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    machine = info["machine"]
+    lines = [
+        ("config", info["config"]),
+        ("image", info["image"] or "?"),
+        ("listen", ", ".join(info["listen"]) or "-"),
+        (
+            "socket",
+            f"{info['socket']['unit']}: {info['socket']['state']}, {info['socket']['enabled']}",
+        ),
+        ("container", f"{info['container']['unit']}: {info['container']['state']}"),
+        (
+            "machine",
+            f"{machine['state']}, leader PID {machine['leader']}" if machine else "not running",
+        ),
+        ("memory", _size(info["memory_bytes"])),
+        ("uptime", _duration(info["uptime_seconds"])),
+        ("tree", info["tree"]),
+    ]
+    print(args.name)
+    for label, value in lines:
+        print(f"  {label + ':':<11}{value}")
+    return 0
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "K", "M", "G"):
+        if size < 1024:
+            return f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}T"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes}min {secs}s" if hours else f"{minutes}min {secs}s"

@@ -1,0 +1,315 @@
+"""YAML -> typed, frozen model, validated once. Nothing past this module sees a raw dict."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from nspawnctl.errors import ConfigError
+from nspawnctl.listen import Listen
+from nspawnctl.names import check_hostname, check_machine_name
+
+# Keys of DESIGN.md that a later version will understand. Until then they are
+# errors like any unknown key, but with an honest message instead of "did you mean".
+_PLANNED_KEYS = frozenset(
+    {"bootstrap", "sockets", "network", "resources", "idle_timeout", "binds", "security"}
+)
+
+_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+_KEY_RE = re.compile(
+    r"(?:^|\s)(?:" + "|".join(map(re.escape, _KEY_TYPES)) + r")\s+[A-Za-z0-9+/]{16,}={0,3}(?:\s|$)"
+)
+_DISTROS = ("debian",)
+_RELEASE_RE = re.compile(r"^[a-z][a-z0-9.-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """`distro:release`, the recipe of a bootstrapped image."""
+
+    distro: str
+    release: str
+
+    def __str__(self) -> str:
+        return f"{self.distro}:{self.release}"
+
+
+@dataclass(frozen=True)
+class SshConfig:
+    listen: Listen
+    authorized_keys: tuple[str, ...]  # one public key line each, already read from files
+
+
+@dataclass(frozen=True)
+class ContainerConfig:
+    name: str
+    source: Path  # the YAML file it came from; named in every generated unit
+    image: ImageRef
+    hostname: str
+    ssh: SshConfig
+
+    def listens(self) -> Iterator[tuple[str, Listen]]:
+        """Every host address this container listens on, with the key that set it."""
+        yield "ssh.listen", self.ssh.listen
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and aliases.
+
+    A duplicate key silently overriding an earlier one hides mistakes; aliases are
+    never needed in a container file and are how YAML bombs are built.
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.constructor.ConstructorError(
+                None, None, "aliases (*name) are not allowed", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, file: Path) -> dict[str, Any]:
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(file, "", f"not valid YAML: {where}{problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            file,
+            "",
+            f"the document is a {_type_name(data)}, expected a mapping of keys",
+            hint="start from `nspawnctl add NAME --ssh PORT --key KEY`, or see nspawnctl.yaml(5)",
+        )
+    return data
+
+
+def _type_name(value: object) -> str:
+    return {
+        dict: "mapping",
+        list: "list",
+        str: "string",
+        int: "number",
+        float: "number",
+        bool: "boolean",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+class _Section:
+    """One mapping of the file, with the keys it may hold. Unknown keys are reported
+    first, so a misspelt key gets "did you mean", not "the right key is missing"."""
+
+    def __init__(
+        self, file: Path, prefix: str, data: Mapping[Any, Any], known: Sequence[str]
+    ) -> None:
+        self.file = file
+        self.prefix = prefix
+        self.data = dict(data)
+        for key in self.data:
+            self._check_known(str(key), known)
+
+    def _check_known(self, name: str, known: Sequence[str]) -> None:
+        if name in known:
+            return
+        if not self.prefix and name in _PLANNED_KEYS:
+            self.fail(
+                name,
+                "is not supported by this version of nspawnctl yet",
+                hint="see nspawnctl.yaml(5) for the keys it understands",
+            )
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        self.fail(
+            name,
+            "unknown key",
+            hint=f"did you mean '{self.path(close[0])}'?"
+            if close
+            else "known keys here: " + ", ".join(known),
+        )
+
+    def path(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def fail(self, key: str, problem: str, hint: str | None = None) -> NoReturn:
+        raise ConfigError(self.file, self.path(key), problem, hint=hint)
+
+    def take(self, key: str, *types: type, required: bool = False) -> Any:
+        if key not in self.data:
+            if required:
+                self.fail(key, "is required", hint=f"add `{self.path(key)}:` to the file")
+            return None
+        value = self.data[key]
+        # bool is an int in Python; a port of `true` is a mistake, not 1.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            expected = " or ".join(_type_name(t()) for t in types)
+            self.fail(key, f"{value!r} is a {_type_name(value)}, expected a {expected}")
+        return value
+
+    def section(self, key: str, known: Sequence[str], *, required: bool = False) -> _Section:
+        value = self.take(key, dict, required=required)
+        return _Section(self.file, self.path(key), value or {}, known)
+
+
+def parse_config(name: str, data: Mapping[Any, Any], file: Path) -> ContainerConfig:
+    """Validate one container's YAML data. `file` is named in errors and units."""
+    try:
+        check_machine_name(name)
+    except ValueError as err:
+        raise ConfigError(
+            file, "name", f"{name!r}: {err}", hint="use letters, digits and '-', like 'web-1'"
+        ) from None
+    top = _Section(file, "", data, ("image", "hostname", "ssh"))
+    image = _parse_image(top)
+    hostname = top.take("hostname", str) or name
+    try:
+        check_hostname(hostname)
+    except ValueError as err:
+        top.fail("hostname", f"{hostname!r}: {err}")
+    ssh = _parse_ssh(top.section("ssh", ("listen", "authorized_keys"), required=True))
+    return ContainerConfig(name=name, source=file, image=image, hostname=hostname, ssh=ssh)
+
+
+def _parse_image(top: _Section) -> ImageRef:
+    value = top.take("image", str) or "debian:bookworm"
+    distro, sep, release = value.partition(":")
+    if not sep or distro not in _DISTROS:
+        top.fail(
+            "image",
+            f"{value!r} is not an image this version can build",
+            hint="use <distro>:<release> with distro one of: "
+            + ", ".join(_DISTROS)
+            + " (e.g. debian:bookworm)",
+        )
+    if not _RELEASE_RE.match(release):
+        top.fail("image", f"{release!r} is not a release name", hint="e.g. debian:bookworm")
+    return ImageRef(distro, release)
+
+
+def _parse_ssh(section: _Section) -> SshConfig:
+    raw_listen = section.take("listen", int, str, required=True)
+    try:
+        listen = Listen.parse(raw_listen)
+    except ValueError as err:
+        section.fail(
+            "listen",
+            f"{raw_listen!r}: {err}",
+            hint="a port (2222) or ADDRESS:PORT (127.0.0.1:2222, [::1]:2222)",
+        )
+    raw_keys = section.take("authorized_keys", list, required=True)
+    keys: list[str] = []
+    for index, entry in enumerate(raw_keys):
+        key = f"authorized_keys[{index}]"
+        if not isinstance(entry, str):
+            section.fail(key, f"{entry!r} is a {_type_name(entry)}, expected a string")
+        try:
+            keys.extend(read_public_keys(entry, base=section.file.parent))
+        except ValueError as err:
+            section.fail(
+                key,
+                str(err),
+                hint='a public key line ("ssh-ed25519 AAAA...") or the path of a .pub file',
+            )
+    if not keys:
+        section.fail(
+            "authorized_keys",
+            "is empty: nobody could log in over SSH",
+            hint="add a public key, e.g. `--key ~/.ssh/id_ed25519.pub`",
+        )
+    return SshConfig(listen=listen, authorized_keys=tuple(dict.fromkeys(keys)))
+
+
+def read_public_keys(entry: str, *, base: Path) -> list[str]:
+    """A key line as it is, or the key lines of a file; ValueError if there is no key."""
+    entry = entry.strip()
+    if _KEY_RE.search(entry):
+        if "\n" in entry:
+            raise ValueError("a key must be a single line")
+        return [entry]
+    path = (base / Path(entry).expanduser()) if entry else base
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not a text file"
+        raise ValueError(
+            f"{entry!r} is neither a public key nor a readable file ({reason})"
+        ) from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    bad = [ln for ln in lines if not _KEY_RE.search(ln)]
+    if bad or not lines:
+        raise ValueError(
+            f"{str(path)!r} holds no public key (is it the private key?)"
+            if not lines or "PRIVATE KEY" in text
+            else f"{str(path)!r} has a line that is not a public key: {bad[0][:40]!r}"
+        )
+    return lines
+
+
+def load_config(name: str, file: Path) -> ContainerConfig:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            file, "", "no such file", hint=f"create it with `nspawnctl add {name}`"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(file, "", f"cannot read: {err}") from None
+    return parse_config(name, load_yaml(text, file), file)
+
+
+def check_conflicts(config: ContainerConfig, others: Sequence[ContainerConfig]) -> None:
+    """Refuse a listen address that another container already uses."""
+    for key, listen in config.listens():
+        for other in others:
+            if other.name == config.name:
+                continue
+            for other_key, other_listen in other.listens():
+                if listen.overlaps(other_listen):
+                    raise ConfigError(
+                        config.source,
+                        key,
+                        f"port {listen.port} is already used by container '{other.name}' "
+                        f"({other.source}: {other_key}: {other_listen})",
+                        hint="choose another port, or a different address for each",
+                    )
+
+
+def dump_config(config: ContainerConfig) -> str:
+    """The YAML that `add` writes for a container given on the command line."""
+    data: dict[str, Any] = {"image": str(config.image)}
+    if config.hostname != config.name:
+        data["hostname"] = config.hostname
+    data["ssh"] = {
+        "listen": config.ssh.listen.yaml_value(),
+        "authorized_keys": list(config.ssh.authorized_keys),
+    }
+    return yaml.safe_dump(data, sort_keys=False, width=1000)

@@ -1,0 +1,195 @@
+"""A container's life on disk and in systemd: add and remove, each all or nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from pathlib import Path
+
+from nspawnctl.bus import Systemd
+from nspawnctl.config import ContainerConfig, check_conflicts, load_config
+from nspawnctl.errors import ConfigError, NspawnctlError, OperationError
+from nspawnctl.install import (
+    Undo,
+    check_writable,
+    is_ours,
+    remove_file,
+    remove_tree,
+    verify_units,
+    write_atomic,
+)
+from nspawnctl.log import log
+from nspawnctl.names import service_unit, socket_unit
+from nspawnctl.paths import Paths
+from nspawnctl.render import Rendering, host_targets, render
+from nspawnctl.run import run
+from nspawnctl.store import Image, ImageStore, recipe_for
+
+
+def config_names(paths: Paths) -> list[str]:
+    return sorted(p.stem for p in paths.config_dir.glob("*.yaml") if not p.name.startswith("."))
+
+
+def load_all(paths: Paths) -> tuple[list[ContainerConfig], list[ConfigError]]:
+    """Every container's configuration; a broken file is reported, not fatal."""
+    configs, errors = [], []
+    for name in config_names(paths):
+        try:
+            configs.append(load_config(name, paths.config_file(name)))
+        except ConfigError as err:
+            errors.append(err)
+    return configs, errors
+
+
+def machine_id(paths: Paths, name: str) -> str | None:
+    try:
+        text = (paths.machine_dir(name) / "etc/machine-id").read_text().strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def is_installed(paths: Paths, name: str) -> bool:
+    return any(p.exists() for p in host_targets(paths, name).values())
+
+
+def rendering_for(paths: Paths, config: ContainerConfig) -> Rendering:
+    """What `add` writes; an existing container keeps its machine-id."""
+    return render(config, paths, machine_id(paths, config.name) or uuid.uuid4().hex)
+
+
+def add(paths: Paths, config: ContainerConfig, config_text: str) -> None:
+    """Install a container: its tree, its host units, its config; then start its socket.
+    On any failure everything done so far is taken back."""
+    name = config.name
+    if is_installed(paths, name) or paths.machine_dir(name).exists():
+        raise OperationError(
+            f"container {name!r} exists already",
+            hint=f"`nspawnctl remove {name}` first, or choose another name",
+        )
+    others, _broken = load_all(paths)
+    check_conflicts(config, others)
+    rendering = rendering_for(paths, config)
+    host_paths = [Path(f.path) for f in rendering.host]
+    for path in host_paths:
+        check_writable(path)
+    verify_units(rendering.host, [socket_unit(name), service_unit(name)])
+
+    config_path = paths.config_file(name)
+    with Systemd.connect() as systemd:  # no systemd, no work: fail before writing anything
+        image = ImageStore(paths.image_dir).ensure(recipe_for(config.image))
+        undo = Undo()
+        with undo.guard():
+            if not _same_text(config_path, config_text):
+                previous = config_path.read_text() if config_path.exists() else None
+                write_atomic(config_path, config_text)
+                undo.push("config", lambda: _restore(config_path, previous))
+            create_tree(image, paths.machine_dir(name), rendering, name)
+            undo.push("machine tree", lambda: remove_tree(paths.machine_dir(name)))
+            undo.push("daemon-reload", systemd.reload)
+            for file in rendering.host:
+                write_atomic(Path(file.path), file.text, file.mode)
+                undo.push(str(file.path), lambda p=Path(file.path): remove_file(p))  # type: ignore[misc]
+            systemd.reload()
+            undo.push("socket", lambda: _stop_quietly(systemd, socket_unit(name)))
+            systemd.start(socket_unit(name))
+    log.info(
+        "added %s: %s listens on %s; the container boots on the first connection",
+        name,
+        socket_unit(name),
+        config.ssh.listen,
+    )
+
+
+def create_tree(image: Image, target: Path, rendering: Rendering, name: str) -> None:
+    """The container's root: the image's files plus its own, built aside, then renamed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{name}.new-{os.getpid()}")
+    try:
+        run(["cp", "-a", "--reflink=auto", image.rootfs, staging])
+        for file in rendering.guest:
+            path = staging / file.path
+            if path.parent == staging / "root/.ssh":
+                path.parent.mkdir(mode=0o700, exist_ok=True)
+            write_atomic(path, file.text, file.mode)
+        run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                f"root@{name}",
+                "-f",
+                staging / "etc/ssh/ssh_host_ed25519_key",
+            ]
+        )
+        staging.rename(target)
+    except BaseException:
+        remove_tree(staging)
+        raise
+
+
+def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
+    targets = list(host_targets(paths, name).values())
+    config_path = paths.config_file(name)
+    machine_dir = paths.machine_dir(name)
+    if not (config_path.exists() or machine_dir.exists() or any(p.exists() for p in targets)):
+        raise OperationError(f"no container {name!r}", hint="see `nspawnctl list`")
+    for path in targets:
+        if path.exists() and not is_ours(path):
+            raise OperationError(f"refusing to remove {path}: it was not written by nspawnctl")
+    if machine_dir.exists() and not config_path.exists() and not keep_rootfs:
+        raise OperationError(
+            f"refusing to delete {machine_dir}: no {config_path} says it is nspawnctl's",
+            hint="delete it yourself if it is not needed",
+        )
+    with Systemd.connect() as systemd:
+        units = [socket_unit(name), service_unit(name)]
+        states = systemd.states(units)
+        # The socket first, so that no connection boots the container again meanwhile.
+        for unit in units:
+            if states[unit].load == "loaded":
+                _stop_quietly(systemd, unit)
+        if systemd.unit_file_state(socket_unit(name)) == "enabled":
+            systemd.disable([socket_unit(name)])
+        for path in targets:
+            remove_file(path)
+        systemd.reload()
+        for unit in units:
+            with contextlib.suppress(NspawnctlError):
+                systemd.reset_failed(unit)
+    mid = machine_id(paths, name)
+    if mid:  # systemd-nspawn --link-journal=try-guest left a link to the guest's journal
+        link = paths.journal_dir / mid
+        if link.is_symlink():
+            link.unlink()
+    if not keep_rootfs:
+        remove_tree(machine_dir)
+    with contextlib.suppress(FileNotFoundError):
+        config_path.unlink()
+    log.info("removed %s%s", name, f" (kept {machine_dir})" if keep_rootfs else "")
+
+
+def _stop_quietly(systemd: Systemd, unit: str) -> None:
+    try:
+        systemd.stop(unit)
+    except NspawnctlError as err:
+        log.debug("stopping %s: %s", unit, err)
+
+
+def _same_text(path: Path, text: str) -> bool:
+    try:
+        return path.read_text() == text
+    except OSError:
+        return False
+
+
+def _restore(path: Path, previous: str | None) -> None:
+    if previous is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_atomic(path, previous)

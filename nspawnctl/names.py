@@ -1,0 +1,43 @@
+"""Names of containers and hosts."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+# A machine name becomes a directory, a unit instance, a hostname and part of unit
+# names; the DNS label rules keep it safe in all four (no '/', no '..', no '@').
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def check_machine_name(name: str) -> None:
+    if not _LABEL.match(name):
+        raise ValueError(
+            "is not a valid container name "
+            "(1-63 letters, digits or '-', not starting or ending with '-')"
+        )
+
+
+def machine_name(text: str) -> str:
+    """argparse type for NAME: a bad name is a usage error before it becomes a path."""
+    try:
+        check_machine_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} {err}") from None
+    return text
+
+
+def check_hostname(hostname: str) -> None:
+    if len(hostname) > 64 or not all(_LABEL.match(label) for label in hostname.split(".")):
+        raise ValueError("is not a valid hostname (dot-separated labels of letters, digits, '-')")
+
+
+# The host's units of a container. The socket carries a prefix of its own and the
+# service is an instance of systemd's template, so a container called `ssh` or
+# `nginx` can never shadow the host's ssh.service or nginx.service.
+def socket_unit(name: str) -> str:
+    return f"nspawnctl-{name}.socket"
+
+
+def service_unit(name: str) -> str:
+    return f"systemd-nspawn@{name}.service"

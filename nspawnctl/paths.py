@@ -1,0 +1,54 @@
+"""Where nspawnctl reads and writes. Every directory can be moved with an environment
+variable, so tests and demos run against a private root instead of the real host."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+# (attribute, environment variable, default) - the one table of locations.
+_LOCATIONS = (
+    ("config_dir", "NSPAWNCTL_CONFIG_DIR", "/etc/nspawnctl"),
+    ("machines_dir", "NSPAWNCTL_MACHINES_DIR", "/var/lib/machines"),
+    ("unit_dir", "NSPAWNCTL_UNIT_DIR", "/etc/systemd/system"),
+    ("nspawn_dir", "NSPAWNCTL_NSPAWN_DIR", "/etc/systemd/nspawn"),
+    ("state_dir", "NSPAWNCTL_STATE_DIR", "/var/lib/nspawnctl"),
+    ("journal_dir", "NSPAWNCTL_JOURNAL_DIR", "/var/log/journal"),
+)
+
+
+@dataclass(frozen=True)
+class Paths:
+    config_dir: Path
+    machines_dir: Path
+    unit_dir: Path
+    nspawn_dir: Path
+    state_dir: Path
+    journal_dir: Path
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, config_dir: Path | None = None
+    ) -> Paths:
+        env = os.environ if environ is None else environ
+        values = {attr: Path(env.get(var) or default) for attr, var, default in _LOCATIONS}
+        if config_dir is not None:
+            values["config_dir"] = config_dir
+        return cls(**values)
+
+    @property
+    def image_dir(self) -> Path:
+        return self.state_dir / "images"
+
+    def config_file(self, name: str) -> Path:
+        return self.config_dir / f"{name}.yaml"
+
+    def machine_dir(self, name: str) -> Path:
+        return self.machines_dir / name
+
+
+def environment_variables() -> dict[str, str]:
+    """The variable of each location, for --help and the man page test."""
+    return {var: default for _attr, var, default in _LOCATIONS}
