@@ -65,9 +65,12 @@ def resolve(args: argparse.Namespace, paths: Paths) -> tuple[ContainerConfig, st
         ssh: dict[str, object] = {"authorized_keys": args.key}
         if args.ssh is not None:
             ssh["listen"] = args.ssh
-        config = parse_config(
-            name, {"image": args.image or "debian:bookworm", "ssh": ssh}, Path("command line")
-        )
+        try:
+            config = parse_config(
+                name, {"image": args.image or "debian:bookworm", "ssh": ssh}, Path("options")
+            )
+        except ConfigError as err:
+            raise _as_option_error(err) from None
         config = dataclasses.replace(config, source=config_path)
         return config, dump_config(config)
     if not config_path.exists():
