@@ -122,6 +122,9 @@ class Systemd:
             _id, job, _unit, result = msg.body
             finished[job] = _text(result)
 
+        # pystemd keeps only a raw pointer to the callback: without this reference it is
+        # garbage-collected and the next signal calls freed memory.
+        self._on_job_removed = on_job_removed
         self.bus.match_signal(SYSTEMD, SYSTEMD_PATH, MANAGER, b"JobRemoved", on_job_removed)
         self._manager(b"Subscribe", b"", doing="subscribing to systemd's signals")
         self._subscribed = True
@@ -199,9 +202,6 @@ class Systemd:
         rows = self._manager(
             b"ListUnitsByNames", b"as", [u.encode() for u in units], doing="listing units"
         )
-        # One row unwraps to a bare struct; normalise to a list of rows.
-        if rows and not isinstance(rows[0], list):
-            rows = [rows]
         states = [UnitState(_text(r[0]), _text(r[2]), _text(r[3]), _text(r[4])) for r in rows]
         return {s.name: s for s in states}
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nspawnctl import __version__
-from nspawnctl.commands import add, exec, lifecycle, logs, remove, show
+from nspawnctl.commands import add, exec, image, lifecycle, logs, remove, show
 from nspawnctl.errors import NspawnctlError
 from nspawnctl.log import log, setup
 from nspawnctl.paths import Paths, environment_variables
@@ -16,7 +16,7 @@ from nspawnctl.paths import Paths, environment_variables
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # In the order `--help` lists them; each module registers its verbs.
-_COMMAND_MODULES = (add, remove, show, lifecycle, logs, exec)
+_COMMAND_MODULES = (add, remove, show, lifecycle, logs, exec, image)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,3 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nspawnctl: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        # A file nspawnctl could not read or write: say which, not where in the code.
+        if args.debug:
+            log.exception("traceback")
+        print(f"nspawnctl: error: {err}", file=sys.stderr)
+        print("hint: nspawnctl changes the host's configuration: run it as root", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as err:  # a bug: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"nspawnctl: error: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        print("hint: run again with --debug for the traceback, and report it", file=sys.stderr)
+        return EXIT_FAILED

@@ -17,11 +17,16 @@ from nspawnctl.names import check_hostname, check_machine_name
 
 # Keys of DESIGN.md that a later version will understand. Until then they are
 # errors like any unknown key, but with an honest message instead of "did you mean".
-_PLANNED_KEYS = frozenset(
+PLANNED_KEYS = frozenset(
     {"bootstrap", "sockets", "network", "resources", "idle_timeout", "binds", "security"}
 )
 
-_KEY_TYPES = (
+# The keys of each section; the whole schema at a glance.
+_TOP_KEYS = ("image", "hostname", "ssh")
+_SSH_KEYS = ("listen", "authorized_keys")
+KNOWN_KEYS = ("image", "hostname", *(f"ssh.{key}" for key in _SSH_KEYS))
+
+KEY_TYPES = (
     "ssh-ed25519",
     "ssh-rsa",
     "ecdsa-sha2-nistp256",
@@ -31,7 +36,7 @@ _KEY_TYPES = (
     "sk-ecdsa-sha2-nistp256@openssh.com",
 )
 _KEY_RE = re.compile(
-    r"(?:^|\s)(?:" + "|".join(map(re.escape, _KEY_TYPES)) + r")\s+[A-Za-z0-9+/]{16,}={0,3}(?:\s|$)"
+    r"(?:^|\s)(?:" + "|".join(map(re.escape, KEY_TYPES)) + r")\s+[A-Za-z0-9+/]{16,}={0,3}(?:\s|$)"
 )
 _DISTROS = ("debian",)
 _RELEASE_RE = re.compile(r"^[a-z][a-z0-9.-]{0,31}$")
@@ -86,6 +91,10 @@ class _StrictLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool | None):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "keys must be plain words", key_node.start_mark
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -142,7 +151,7 @@ class _Section:
     def _check_known(self, name: str, known: Sequence[str]) -> None:
         if name in known:
             return
-        if not self.prefix and name in _PLANNED_KEYS:
+        if not self.prefix and name in PLANNED_KEYS:
             self.fail(
                 name,
                 "is not supported by this version of nspawnctl yet",
@@ -188,30 +197,39 @@ def parse_config(name: str, data: Mapping[Any, Any], file: Path) -> ContainerCon
         raise ConfigError(
             file, "name", f"{name!r}: {err}", hint="use letters, digits and '-', like 'web-1'"
         ) from None
-    top = _Section(file, "", data, ("image", "hostname", "ssh"))
+    top = _Section(file, "", data, _TOP_KEYS)
     image = _parse_image(top)
-    hostname = top.take("hostname", str) or name
+    hostname = top.take("hostname", str)
+    hostname = name if hostname is None else hostname
     try:
         check_hostname(hostname)
     except ValueError as err:
         top.fail("hostname", f"{hostname!r}: {err}")
-    ssh = _parse_ssh(top.section("ssh", ("listen", "authorized_keys"), required=True))
+    ssh = _parse_ssh(top.section("ssh", _SSH_KEYS, required=True))
     return ContainerConfig(name=name, source=file, image=image, hostname=hostname, ssh=ssh)
 
 
 def _parse_image(top: _Section) -> ImageRef:
-    value = top.take("image", str) or "debian:bookworm"
-    distro, sep, release = value.partition(":")
-    if not sep or distro not in _DISTROS:
+    value = top.take("image", str)
+    value = "debian:bookworm" if value is None else value
+    try:
+        return parse_image(value)
+    except ValueError as err:
         top.fail(
             "image",
-            f"{value!r} is not an image this version can build",
+            str(err),
             hint="use <distro>:<release> with distro one of: "
             + ", ".join(_DISTROS)
             + " (e.g. debian:bookworm)",
         )
+
+
+def parse_image(value: str) -> ImageRef:
+    distro, sep, release = value.partition(":")
+    if not sep or distro not in _DISTROS:
+        raise ValueError(f"{value!r} is not an image this version can build")
     if not _RELEASE_RE.match(release):
-        top.fail("image", f"{release!r} is not a release name", hint="e.g. debian:bookworm")
+        raise ValueError(f"{release!r} is not a release name")
     return ImageRef(distro, release)
 
 
@@ -263,7 +281,8 @@ def read_public_keys(entry: str, *, base: Path) -> list[str]:
         raise ValueError(
             f"{entry!r} is neither a public key nor a readable file ({reason})"
         ) from None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
     bad = [ln for ln in lines if not _KEY_RE.search(ln)]
     if bad or not lines:
         raise ValueError(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig, check_conflicts, load_config
-from nspawnctl.errors import ConfigError, NspawnctlError, OperationError
+from nspawnctl.errors import ConfigError, NspawnctlError, OperationError, UsageError
 from nspawnctl.install import (
     Undo,
     check_writable,
@@ -51,7 +51,7 @@ def machine_id(paths: Paths, name: str) -> str | None:
 
 
 def is_installed(paths: Paths, name: str) -> bool:
-    return any(p.exists() for p in host_targets(paths, name).values())
+    return any(is_ours(p) for p in host_targets(paths, name).values())
 
 
 def rendering_for(paths: Paths, config: ContainerConfig) -> Rendering:
@@ -92,7 +92,7 @@ def add(paths: Paths, config: ContainerConfig, config_text: str) -> None:
                 write_atomic(Path(file.path), file.text, file.mode)
                 undo.push(str(file.path), lambda p=Path(file.path): remove_file(p))  # type: ignore[misc]
             systemd.reload()
-            undo.push("socket", lambda: _stop_quietly(systemd, socket_unit(name)))
+            undo.push("socket", lambda: _stop_and_forget(systemd, socket_unit(name)))
             systemd.start(socket_unit(name))
     log.info(
         "added %s: %s listens on %s; the container boots on the first connection",
@@ -138,7 +138,7 @@ def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
     config_path = paths.config_file(name)
     machine_dir = paths.machine_dir(name)
     if not (config_path.exists() or machine_dir.exists() or any(p.exists() for p in targets)):
-        raise OperationError(f"no container {name!r}", hint="see `nspawnctl list`")
+        raise UsageError(f"no container {name!r}", hint="see `nspawnctl list`")
     for path in targets:
         if path.exists() and not is_ours(path):
             raise OperationError(f"refusing to remove {path}: it was not written by nspawnctl")
@@ -153,15 +153,12 @@ def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
         # The socket first, so that no connection boots the container again meanwhile.
         for unit in units:
             if states[unit].load == "loaded":
-                _stop_quietly(systemd, unit)
+                _stop_and_forget(systemd, unit)
         if systemd.unit_file_state(socket_unit(name)) == "enabled":
             systemd.disable([socket_unit(name)])
         for path in targets:
             remove_file(path)
         systemd.reload()
-        for unit in units:
-            with contextlib.suppress(NspawnctlError):
-                systemd.reset_failed(unit)
     mid = machine_id(paths, name)
     if mid:  # systemd-nspawn --link-journal=try-guest left a link to the guest's journal
         link = paths.journal_dir / mid
@@ -174,9 +171,12 @@ def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
     log.info("removed %s%s", name, f" (kept {machine_dir})" if keep_rootfs else "")
 
 
-def _stop_quietly(systemd: Systemd, unit: str) -> None:
+def _stop_and_forget(systemd: Systemd, unit: str) -> None:
+    """Stop a unit and clear a failed state, so that systemd keeps no trace of it once
+    its file is gone. Best effort: this runs while undoing or removing."""
     try:
         systemd.stop(unit)
+        systemd.reset_failed(unit)
     except NspawnctlError as err:
         log.debug("stopping %s: %s", unit, err)
 

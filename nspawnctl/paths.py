@@ -36,6 +36,8 @@ class Paths:
         values = {attr: Path(env.get(var) or default) for attr, var, default in _LOCATIONS}
         if config_dir is not None:
             values["config_dir"] = config_dir
+        # Units name these paths, and systemd takes only absolute ones.
+        values = {attr: path.absolute() for attr, path in values.items()}
         return cls(**values)
 
     @property

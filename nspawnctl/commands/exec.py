@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from nspawnctl.bus import Systemd
 from nspawnctl.commands.lifecycle import require_installed
@@ -10,8 +11,6 @@ from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.names import machine_name, service_unit
 from nspawnctl.paths import Paths
 from nspawnctl.run import run_interactive
-
-_GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -47,23 +46,24 @@ def run_exec(args: argparse.Namespace, paths: Paths) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UsageError("no command given", hint=f"nspawnctl exec {args.name} -- CMD")
-    leader = booted_leader(paths, args.name)
-    # nsenter, not `systemd-run -M`: a machine connection cannot carry our stdin and
-    # stdout, and pipes (not a pty) keep stdout and stderr apart for scripts.
+    booted_leader(paths, args.name)
+    # A transient unit of the guest's own systemd: the command runs in the container's
+    # cgroup, under its seccomp filter and capability bounds, not as a host process
+    # entered into its namespaces. --pipe keeps stdout, stderr and the exit code apart
+    # for scripts; on a terminal --pty takes over.
     return run_interactive(
         [
-            "nsenter",
-            f"--target={leader}",
-            "--all",
-            "--root",
-            "--wd=/root",
+            "systemd-run",
+            f"--machine={args.name}",
+            "--quiet",
+            "--wait",
+            "--collect",
+            "--pipe",
+            "--pty" if sys.stdin.isatty() and sys.stdout.isatty() else "--pipe",
+            "--working-directory=/root",
+            "--setenv=HOME=/root",
+            "--setenv=LANG=C.UTF-8",
             "--",
-            "/usr/bin/env",
-            "-i",
-            f"PATH={_GUEST_PATH}",
-            "HOME=/root",
-            "LANG=C.UTF-8",
-            "USER=root",
             *command,
         ]
     )

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nspawnctl.config import (
+    ContainerConfig,
+    check_conflicts,
+    dump_config,
+    load_yaml,
+    parse_config,
+)
+from nspawnctl.errors import ConfigError
+
+FILE = Path("/etc/nspawnctl/web.yaml")
+
+
+def good(pubkey: Path, **overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "image": "debian:bookworm",
+        "ssh": {"listen": 2222, "authorized_keys": [str(pubkey)]},
+    }
+    data.update(overrides)
+    return data
+
+
+def error_of(name: str, data: Any, file: Path = FILE) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(name, data, file)
+    return info.value
+
+
+def test_minimal_file_parses(pubkey: Path) -> None:
+    config = parse_config("web", good(pubkey), FILE)
+    assert config.hostname == "web"
+    assert str(config.image) == "debian:bookworm"
+    assert config.ssh.listen.unit_value() == "2222"
+    assert config.ssh.authorized_keys == (pubkey.read_text().strip(),)
+
+
+def test_key_line_inline_and_relative_key_file(pubkey: Path) -> None:
+    line = pubkey.read_text().strip()
+    data = good(pubkey, ssh={"listen": "[::1]:22", "authorized_keys": [line, pubkey.name]})
+    config = parse_config("web", data, pubkey.parent / "web.yaml")
+    assert config.ssh.authorized_keys == (line,)  # the same key twice is kept once
+
+
+def test_misspelt_key_says_did_you_mean(pubkey: Path) -> None:
+    err = error_of("web", good(pubkey, ssh={"listn": 2222, "authorized_keys": [str(pubkey)]}))
+    assert err.key == "ssh.listn"
+    assert err.file == str(FILE)
+    assert "did you mean 'ssh.listen'" in (err.hint or "")
+
+
+def test_unknown_top_key_lists_known_keys(pubkey: Path) -> None:
+    err = error_of("web", good(pubkey, zzz=1))
+    assert err.key == "zzz" and "unknown key" in err.message
+    assert "image" in (err.hint or "")
+
+
+def test_planned_key_is_an_honest_error(pubkey: Path) -> None:
+    err = error_of("web", good(pubkey, network="host"))
+    assert "not supported by this version" in err.message
+
+
+@pytest.mark.parametrize(
+    ("ssh", "key", "problem"),
+    [
+        ({"listen": 70000}, "ssh.listen", "not a port"),
+        ({"listen": True}, "ssh.listen", "is a boolean"),
+        ({"listen": [22]}, "ssh.listen", "is a list"),
+        ({}, "ssh.listen", "is required"),
+    ],
+)
+def test_bad_ssh_values(pubkey: Path, ssh: dict[str, Any], key: str, problem: str) -> None:
+    err = error_of("web", good(pubkey, ssh={"authorized_keys": [str(pubkey)], **ssh}))
+    assert err.key == key
+    assert problem in err.message
+
+
+def test_private_key_is_refused(pubkey: Path) -> None:
+    private = pubkey.with_suffix("")
+    err = error_of("web", good(pubkey, ssh={"listen": 22, "authorized_keys": [str(private)]}))
+    assert err.key == "ssh.authorized_keys[0]"
+    assert "private key" in err.message
+
+
+def test_missing_key_file(pubkey: Path) -> None:
+    err = error_of("web", good(pubkey, ssh={"listen": 22, "authorized_keys": ["/nonexistent"]}))
+    assert "No such file" in err.message
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "-x", "x-", "", "a" * 64, "web.1", "wé"])
+def test_bad_names(pubkey: Path, name: str) -> None:
+    assert error_of(name, good(pubkey)).key == "name"
+
+
+@pytest.mark.parametrize(("image", "hint"), [("ubuntu", "distro"), ("debian:Bad!", "e.g.")])
+def test_bad_image(pubkey: Path, image: str, hint: str) -> None:
+    err = error_of("web", good(pubkey, image=image))
+    assert err.key == "image" and hint in (err.hint or "")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("a: 1\na: 2\n", "duplicate key 'a'"),
+        ("a: &x [1]\nb: *x\n", "aliases"),
+        ("- 1\n- 2\n", "is a list, expected a mapping"),
+        ("a: [\n", "not valid YAML: line"),
+        ("just a string", "is a string"),
+    ],
+)
+def test_hostile_yaml(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_yaml(text, FILE)
+
+
+def test_port_used_by_another_container(pubkey: Path) -> None:
+    web = parse_config("web", good(pubkey), FILE)
+    db = parse_config("db", good(pubkey), Path("/etc/nspawnctl/db.yaml"))
+    with pytest.raises(ConfigError) as info:
+        check_conflicts(db, [web])
+    assert info.value.key == "ssh.listen"
+    assert "port 2222 is already used by container 'web'" in info.value.message
+    check_conflicts(web, [web])  # a container does not clash with itself
+
+
+def test_dump_round_trips(pubkey: Path) -> None:
+    config = parse_config("web", good(pubkey, hostname="www"), FILE)
+    again: ContainerConfig = parse_config("web", load_yaml(dump_config(config), FILE), FILE)
+    assert again == config
