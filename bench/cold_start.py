@@ -1,0 +1,176 @@
+"""Cold start: first connection -> SSH banner, and -> a command run over SSH, for
+nspawnctl's units next to the hand-written units of the classic recipe (a socket, a
+service running `systemd-nspawn -jbD DIR 3`, the guest's sshd.socket), and the floor:
+systemd-nspawn setting up a container that runs /bin/true.
+
+Runs inside a throw-away systemd host (tests/testhost.py); needs root and the cached
+image of the tests. Usage: python3 -m bench.cold_start [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import textwrap
+from pathlib import Path
+
+from nspawnctl.config import ImageRef
+from nspawnctl.store import ImageStore, recipe_for
+from tests.integration.conftest import CLIENT_KEY, IMAGE_CACHE, STORE_IN_HOST
+from tests.testhost import Bind, TestHost
+
+# Times one cold connection from inside the test host: connect, read the banner, then
+# (for "command") run `true` over a real OpenSSH client.
+PROBE = textwrap.dedent("""
+    import socket, subprocess, sys, time
+    mode, port = sys.argv[1], int(sys.argv[2])
+    start = time.perf_counter()
+    if mode == "banner":
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            data = b""
+            while b"\\n" not in data:
+                chunk = s.recv(256)
+                if not chunk:
+                    sys.exit("connection closed before the banner")
+                data += chunk
+        assert data.startswith(b"SSH-2.0"), data
+    else:
+        subprocess.run(["ssh", "-p", str(port), "-i", sys.argv[3], "-o", "BatchMode=yes",
+                        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                        "-o", "LogLevel=ERROR", "root@127.0.0.1", "true"], check=True)
+    print(f"{time.perf_counter() - start:.4f}")
+""")
+
+FLOOR = (
+    "import subprocess, time; s = time.perf_counter(); subprocess.run(['systemd-nspawn', '-q',"
+    " '--register=no', '-D', '/var/lib/machines/classic', '/bin/true'], check=True);"
+    " print(f'{time.perf_counter() - s:.4f}')"
+)
+
+# The classic recipe, written by hand as in "socket-activated containers".
+CLASSIC_SOCKET = "[Socket]\nListenStream=2300\n"
+CLASSIC_SERVICE = "[Service]\nExecStart=/usr/bin/systemd-nspawn -jbD /var/lib/machines/classic 3\n"
+CLASSIC_GUEST = {
+    "etc/systemd/system/sshd.socket": "[Socket]\nListenStream=2300\nAccept=yes\n",
+    "etc/systemd/system/sshd@.service": (
+        "[Service]\nExecStart=-/usr/sbin/sshd -i\nStandardInput=socket\n"
+        "RuntimeDirectory=sshd\nRuntimeDirectoryPreserve=yes\n"
+    ),
+}
+
+
+def setup_classic(host: TestHost, image_rootfs: str) -> None:
+    root = "/var/lib/machines/classic"
+    host.run(["cp", "-a", image_rootfs, root])
+    for path, text in CLASSIC_GUEST.items():
+        host.write_file(f"{root}/{path}", text)
+    wants = f"{root}/etc/systemd/system/sockets.target.wants"
+    host.run(["mkdir", "-p", wants])
+    host.run(["ln", "-s", "/etc/systemd/system/sshd.socket", f"{wants}/sshd.socket"])
+    host.run(["ln", "-sf", "/dev/null", f"{root}/etc/systemd/system/ssh.service"])
+    host.run(
+        [
+            "sh",
+            "-c",
+            f"systemd-id128 new > {root}/etc/machine-id && "
+            f"ssh-keygen -q -A -f {root} && install -d -m 700 {root}/root/.ssh && "
+            f"cp {CLIENT_KEY}.pub {root}/root/.ssh/authorized_keys",
+        ]
+    )
+    host.write_file("/etc/systemd/system/classic.socket", CLASSIC_SOCKET)
+    host.write_file("/etc/systemd/system/classic.service", CLASSIC_SERVICE)
+    host.run(["systemctl", "daemon-reload"])
+    host.run(["systemctl", "start", "classic.socket"])
+
+
+def stop_cold(host: TestHost, service: str) -> None:
+    host.run(["systemctl", "stop", service])
+    # The classic units have systemd's default start limit; reset it so the bench can
+    # cycle (nspawnctl's units need no such help: StartLimitIntervalSec=0).
+    host.run(["systemctl", "reset-failed", service], check=False)
+    host.wait_for(
+        lambda: (
+            host.run(["systemctl", "is-active", service], check=False).stdout.strip()
+            in ("inactive", "failed")
+        ),
+        timeout=60,
+        what=f"{service} stopped",
+    )
+
+
+def measure(host: TestHost, mode: str, port: int, service: str, runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        stop_cold(host, service)
+        out = host.run([sys.executable, "-c", PROBE, mode, str(port), CLIENT_KEY]).stdout
+        times.append(float(out))
+    return times
+
+
+def floor(host: TestHost, runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        out = host.run([sys.executable, "-c", FLOOR]).stdout
+        times.append(float(out))
+    return times
+
+
+def row(label: str, times: list[float]) -> str:
+    return (
+        f"{label:<44} median {statistics.median(times) * 1000:7.1f} ms   "
+        f"min {min(times) * 1000:7.1f} ms   max {max(times) * 1000:7.1f} ms"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+    image = ImageStore(IMAGE_CACHE).ensure(recipe_for(ImageRef("debian", "bookworm")))
+    rootfs = f"{STORE_IN_HOST}/{image.key}/rootfs"
+    with TestHost(binds=[Bind(IMAGE_CACHE, STORE_IN_HOST)]) as host:
+        host.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", CLIENT_KEY])
+        host.run(
+            [
+                sys.executable,
+                "-m",
+                "nspawnctl",
+                "add",
+                "bench",
+                "--ssh",
+                "2222",
+                "--key",
+                f"{CLIENT_KEY}.pub",
+            ]
+        )
+        setup_classic(host, rootfs)
+        service = "systemd-nspawn@bench.service"
+        results = [
+            ("cold banner, nspawnctl", measure(host, "banner", 2222, service, args.runs)),
+            (
+                "cold banner, classic hand-written units",
+                measure(host, "banner", 2300, "classic.service", args.runs),
+            ),
+            (
+                "cold command (ssh true), nspawnctl",
+                measure(host, "command", 2222, service, args.runs),
+            ),
+            (
+                "cold command (ssh true), classic units",
+                measure(host, "command", 2300, "classic.service", args.runs),
+            ),
+        ]
+        stop_cold(host, "classic.service")
+        results.append(("floor: systemd-nspawn /bin/true", floor(host, args.runs)))
+    print(
+        f"# cold start, {args.runs} runs each, nested in a throw-away systemd host "
+        f"({Path('/proc/cpuinfo').read_text().count('processor')} CPUs)"
+    )
+    for label, times in results:
+        print(row(label, times))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
