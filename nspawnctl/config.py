@@ -14,17 +14,22 @@ import yaml
 from nspawnctl.errors import ConfigError
 from nspawnctl.listen import Listen
 from nspawnctl.names import check_hostname, check_machine_name
+from nspawnctl.recipe import Recipe, parse_image, with_bootstrap
 
 # Keys of DESIGN.md that a later version will understand. Until then they are
 # errors like any unknown key, but with an honest message instead of "did you mean".
-PLANNED_KEYS = frozenset(
-    {"bootstrap", "sockets", "network", "resources", "idle_timeout", "binds", "security"}
-)
+PLANNED_KEYS = frozenset({"sockets", "network", "resources", "idle_timeout", "binds", "security"})
 
 # The keys of each section; the whole schema at a glance.
-_TOP_KEYS = ("image", "hostname", "ssh")
+_TOP_KEYS = ("image", "bootstrap", "hostname", "ssh")
+_BOOTSTRAP_KEYS = ("method", "mirror", "packages", "source")
 _SSH_KEYS = ("listen", "authorized_keys")
-KNOWN_KEYS = ("image", "hostname", *(f"ssh.{key}" for key in _SSH_KEYS))
+KNOWN_KEYS = (
+    "image",
+    *(f"bootstrap.{key}" for key in _BOOTSTRAP_KEYS),
+    "hostname",
+    *(f"ssh.{key}" for key in _SSH_KEYS),
+)
 
 KEY_TYPES = (
     "ssh-ed25519",
@@ -38,19 +43,7 @@ KEY_TYPES = (
 _KEY_RE = re.compile(
     r"(?:^|\s)(?:" + "|".join(map(re.escape, KEY_TYPES)) + r")\s+[A-Za-z0-9+/]{16,}={0,3}(?:\s|$)"
 )
-_DISTROS = ("debian",)
-_RELEASE_RE = re.compile(r"^[a-z][a-z0-9.-]{0,31}$")
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """`distro:release`, the recipe of a bootstrapped image."""
-
-    distro: str
-    release: str
-
-    def __str__(self) -> str:
-        return f"{self.distro}:{self.release}"
+_PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]*$")
 
 
 @dataclass(frozen=True)
@@ -63,7 +56,7 @@ class SshConfig:
 class ContainerConfig:
     name: str
     source: Path  # the YAML file it came from; named in every generated unit
-    image: ImageRef
+    image: Recipe  # what the container's image is built from
     hostname: str
     ssh: SshConfig
 
@@ -209,28 +202,34 @@ def parse_config(name: str, data: Mapping[Any, Any], file: Path) -> ContainerCon
     return ContainerConfig(name=name, source=file, image=image, hostname=hostname, ssh=ssh)
 
 
-def _parse_image(top: _Section) -> ImageRef:
+def _parse_image(top: _Section) -> Recipe:
     value = top.take("image", str)
     value = "debian:bookworm" if value is None else value
     try:
-        return parse_image(value)
+        recipe = parse_image(value)
     except ValueError as err:
         top.fail(
-            "image",
-            str(err),
-            hint="use <distro>:<release> with distro one of: "
-            + ", ".join(_DISTROS)
-            + " (e.g. debian:bookworm)",
+            "image", str(err), hint="e.g. debian:bookworm, ubuntu:noble, fedora:40, template:myapp"
         )
-
-
-def parse_image(value: str) -> ImageRef:
-    distro, sep, release = value.partition(":")
-    if not sep or distro not in _DISTROS:
-        raise ValueError(f"{value!r} is not an image this version can build")
-    if not _RELEASE_RE.match(release):
-        raise ValueError(f"{release!r} is not a release name")
-    return ImageRef(distro, release)
+    section = top.section("bootstrap", _BOOTSTRAP_KEYS)
+    packages = section.take("packages", list) or []
+    for index, package in enumerate(packages):
+        if not isinstance(package, str) or not _PACKAGE_RE.match(package):
+            section.fail(f"packages[{index}]", f"{package!r} is not a package name")
+    source = section.take("source", str)
+    if source is not None:
+        source = str((top.file.parent / Path(source).expanduser()).absolute())
+    try:
+        return with_bootstrap(
+            recipe,
+            method=section.take("method", str),
+            mirror=section.take("mirror", str),
+            packages=tuple(packages),
+            source=source,
+        )
+    except ValueError as err:
+        key, _sep, problem = str(err).partition(": ")
+        section.fail(key, problem, hint="see BOOTSTRAP in nspawnctl.yaml(5)")
 
 
 def _parse_ssh(section: _Section) -> SshConfig:
@@ -324,7 +323,20 @@ def check_conflicts(config: ContainerConfig, others: Sequence[ContainerConfig]) 
 
 def dump_config(config: ContainerConfig) -> str:
     """The YAML that `add` writes for a container given on the command line."""
-    data: dict[str, Any] = {"image": str(config.image)}
+    data: dict[str, Any] = {"image": config.image.image}
+    bootstrap = {
+        key: value
+        for key, value in (
+            ("mirror", config.image.mirror),
+            ("packages", list(config.image.packages)),
+            ("source", config.image.source),
+        )
+        if value
+    }
+    if config.image.source:
+        bootstrap["method"] = config.image.method
+    if bootstrap:
+        data["bootstrap"] = bootstrap
     if config.hostname != config.name:
         data["hostname"] = config.hostname
     data["ssh"] = {

@@ -19,12 +19,13 @@ from nspawnctl.install import (
     verify_units,
     write_atomic,
 )
+from nspawnctl.layers import Layer, mounted_lower
 from nspawnctl.log import log
-from nspawnctl.names import service_unit, socket_unit
+from nspawnctl.names import mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
-from nspawnctl.render import Rendering, host_targets, render
+from nspawnctl.render import MachineState, Rendering, host_targets, render
 from nspawnctl.run import run
-from nspawnctl.store import Image, ImageStore, recipe_for
+from nspawnctl.store import Image, ImageStore
 
 
 def config_names(paths: Paths) -> list[str]:
@@ -43,8 +44,9 @@ def load_all(paths: Paths) -> tuple[list[ContainerConfig], list[ConfigError]]:
 
 
 def machine_id(paths: Paths, name: str) -> str | None:
+    """The container's own machine-id; it lives in its layer, so no mount is needed."""
     try:
-        text = (paths.machine_dir(name) / "etc/machine-id").read_text().strip()
+        text = (Layer.of(paths, name).upper / "etc/machine-id").read_text().strip()
     except OSError:
         return None
     return text or None
@@ -54,39 +56,58 @@ def is_installed(paths: Paths, name: str) -> bool:
     return any(is_ours(p) for p in host_targets(paths, name).values())
 
 
-def rendering_for(paths: Paths, config: ContainerConfig) -> Rendering:
-    """What `add` writes; an existing container keeps its machine-id."""
-    return render(config, paths, machine_id(paths, config.name) or uuid.uuid4().hex)
+def users_of(paths: Paths, image: Image) -> list[ContainerConfig]:
+    configs, _broken = load_all(paths)
+    return [c for c in configs if c.image.key == image.key]
+
+
+def rendering_for(paths: Paths, config: ContainerConfig, image: Image | None = None) -> Rendering:
+    """What `add` writes; an existing container keeps its machine-id. Without the image
+    at hand, the version it would get is shown (v1 if it is not built yet)."""
+    if image is None:
+        image = ImageStore(paths.image_dir).find(config.image)
+    lower = image.current if image else paths.image_dir / config.image.key / "v1"
+    state = MachineState(machine_id(paths, config.name) or uuid.uuid4().hex, lower)
+    return render(config, paths, state)
 
 
 def add(paths: Paths, config: ContainerConfig, config_text: str) -> None:
-    """Install a container: its tree, its host units, its config; then start its socket.
+    """Install a container: its layer, its host units, its config; then start its socket.
     On any failure everything done so far is taken back."""
     name = config.name
-    if is_installed(paths, name) or paths.machine_dir(name).exists():
+    layer = Layer.of(paths, name)
+    if is_installed(paths, name) or layer.path.exists():
         raise OperationError(
             f"container {name!r} exists already",
             hint=f"`nspawnctl remove {name}` first, or choose another name",
         )
+    root = paths.machine_dir(name)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise OperationError(
+            f"{root} exists and is not empty: it is not nspawnctl's",
+            hint="move it away, or choose another container name",
+        )
     others, _broken = load_all(paths)
     check_conflicts(config, others)
-    rendering = rendering_for(paths, config)
-    host_paths = [Path(f.path) for f in rendering.host]
-    for path in host_paths:
+    for path in host_targets(paths, name).values():
         check_writable(path)
-    verify_units(rendering.host, [socket_unit(name), service_unit(name)])
 
     config_path = paths.config_file(name)
     with Systemd.connect() as systemd:  # no systemd, no work: fail before writing anything
-        image = ImageStore(paths.image_dir).ensure(recipe_for(config.image))
+        image = ImageStore(paths.image_dir).ensure(config.image)
+        rendering = rendering_for(paths, config, image)
+        verify_units(rendering.host, [socket_unit(name), service_unit(name)])
         undo = Undo()
         with undo.guard():
             if not _same_text(config_path, config_text):
                 previous = config_path.read_text() if config_path.exists() else None
                 write_atomic(config_path, config_text)
                 undo.push("config", lambda: _restore(config_path, previous))
-            create_tree(image, paths.machine_dir(name), rendering, name)
-            undo.push("machine tree", lambda: remove_tree(paths.machine_dir(name)))
+            create_layer(layer, rendering, image.current, name)
+            undo.push("layer", lambda: remove_tree(layer.path))
+            if not root.exists():
+                root.mkdir(parents=True)
+                undo.push("mount point", root.rmdir)
             undo.push("daemon-reload", systemd.reload)
             for file in rendering.host:
                 write_atomic(Path(file.path), file.text, file.mode)
@@ -102,17 +123,16 @@ def add(paths: Paths, config: ContainerConfig, config_text: str) -> None:
     )
 
 
-def create_tree(image: Image, target: Path, rendering: Rendering, name: str) -> None:
-    """The container's root: the image's files plus its own, built aside, then renamed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{name}.new-{os.getpid()}")
+def create_layer(layer: Layer, rendering: Rendering, lower: Path, name: str) -> None:
+    """The container's own files, in a layer built aside and then renamed into place."""
+    staging = Layer(layer.path.with_name(f".{name}.new-{os.getpid()}"))
     try:
-        run(["cp", "-a", "--reflink=auto", image.rootfs, staging])
+        staging.upper.mkdir(parents=True)
+        staging.work.mkdir()
         for file in rendering.guest:
-            path = staging / file.path
-            if path.parent == staging / "root/.ssh":
-                path.parent.mkdir(mode=0o700, exist_ok=True)
-            write_atomic(path, file.text, file.mode)
+            directory = staging.make_dirs(Path(file.path).parent, lower)
+            write_atomic(directory / file.path.name, file.text, file.mode)
+        staging.make_dirs(Path("etc/ssh"), lower)
         run(
             [
                 "ssh-keygen",
@@ -124,33 +144,30 @@ def create_tree(image: Image, target: Path, rendering: Rendering, name: str) -> 
                 "-C",
                 f"root@{name}",
                 "-f",
-                staging / "etc/ssh/ssh_host_ed25519_key",
+                staging.upper / "etc/ssh/ssh_host_ed25519_key",
             ]
         )
-        staging.rename(target)
+        staging.path.rename(layer.path)
     except BaseException:
-        remove_tree(staging)
+        remove_tree(staging.path)
         raise
 
 
 def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
     targets = list(host_targets(paths, name).values())
     config_path = paths.config_file(name)
-    machine_dir = paths.machine_dir(name)
-    if not (config_path.exists() or machine_dir.exists() or any(p.exists() for p in targets)):
+    layer = Layer.of(paths, name)
+    root = paths.machine_dir(name)
+    if not (config_path.exists() or layer.path.exists() or any(p.exists() for p in targets)):
         raise UsageError(f"no container {name!r}", hint="see `nspawnctl list`")
     for path in targets:
         if path.exists() and not is_ours(path):
             raise OperationError(f"refusing to remove {path}: it was not written by nspawnctl")
-    if machine_dir.exists() and not config_path.exists() and not keep_rootfs:
-        raise OperationError(
-            f"refusing to delete {machine_dir}: no {config_path} says it is nspawnctl's",
-            hint="delete it yourself if it is not needed",
-        )
     with Systemd.connect() as systemd:
-        units = [socket_unit(name), service_unit(name)]
+        units = [socket_unit(name), service_unit(name), mount_unit(root)]
         states = systemd.states(units)
-        # The socket first, so that no connection boots the container again meanwhile.
+        # The socket first, so that no connection boots the container again meanwhile;
+        # the mount last, once nothing runs on it.
         for unit in units:
             if states[unit].load == "loaded":
                 _stop_and_forget(systemd, unit)
@@ -159,16 +176,23 @@ def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
         for path in targets:
             remove_file(path)
         systemd.reload()
+    if mounted_lower(root) is not None:
+        raise OperationError(
+            f"{root} is still mounted; its layer is kept",
+            hint=f"see `systemctl status {mount_unit(root)}`, then remove again",
+        )
     mid = machine_id(paths, name)
     if mid:  # systemd-nspawn --link-journal=try-guest left a link to the guest's journal
         link = paths.journal_dir / mid
         if link.is_symlink():
             link.unlink()
     if not keep_rootfs:
-        remove_tree(machine_dir)
+        remove_tree(layer.path)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            root.rmdir()
     with contextlib.suppress(FileNotFoundError):
         config_path.unlink()
-    log.info("removed %s%s", name, f" (kept {machine_dir})" if keep_rootfs else "")
+    log.info("removed %s%s", name, f" (kept its layer {layer.path})" if keep_rootfs else "")
 
 
 def _stop_and_forget(systemd: Systemd, unit: str) -> None:

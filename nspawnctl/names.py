@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 # A machine name becomes a directory, a unit instance, a hostname and part of unit
 # names; the DNS label rules keep it safe in all four (no '/', no '..', no '@').
@@ -41,3 +42,23 @@ def socket_unit(name: str) -> str:
 
 def service_unit(name: str) -> str:
     return f"systemd-nspawn@{name}.service"
+
+
+def mount_unit(path: Path) -> str:
+    """The mount unit systemd expects for `path` (as `systemd-escape --path --suffix=mount`)."""
+    text = "/".join(part for part in str(path).split("/") if part)
+    if not text:
+        return "-.mount"
+    out = []
+    for index, char in enumerate(text):
+        if char == "/":
+            out.append("-")
+        elif (
+            char.isascii()
+            and (char.isalnum() or char in ":_.")
+            and not (index == 0 and char == ".")
+        ):
+            out.append(char)
+        else:
+            out.append("".join(f"\\x{byte:02x}" for byte in char.encode()))
+    return "".join(out) + ".mount"

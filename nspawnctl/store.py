@@ -1,24 +1,31 @@
-"""The image store: one bootstrapped root filesystem per recipe, built once, then reused.
+"""The image store: one root filesystem per recipe, built once, kept read-only, shared by
+every container made from it (each container is a copy-on-write layer over it).
 
-An image is built in a hidden directory beside its final place and renamed into place
-only when complete, so an interrupted build never leaves an image that looks usable."""
+    images/KEY/recipe.json    what built it
+    images/KEY/v1, v2, ...    versions; `image update` makes the next one
+    images/KEY/current        symlink to the newest version
+
+A version is built in a hidden directory and renamed into place only when complete,
+so an interrupted build or update never leaves anything that looks usable. A container
+mounts one exact version, so an update reaches it on its next start, never under it."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
-import hashlib
-import json
+import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nspawnctl.bootstrap import Recipe, bootstrapper
-from nspawnctl.config import ImageRef
+from nspawnctl.bootstrap import bootstrapper
+from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.log import Progress, log
+from nspawnctl.recipe import TEMPLATE, Recipe
+from nspawnctl.run import run
 
 
 @dataclass(frozen=True)
@@ -28,19 +35,15 @@ class Image:
     recipe: Recipe
 
     @property
-    def rootfs(self) -> Path:
-        return self.path / "rootfs"
+    def current(self) -> Path:
+        """The newest version's directory (the root filesystem new mounts use)."""
+        return self.path / os.readlink(self.path / "current")
 
-
-def recipe_for(ref: ImageRef) -> Recipe:
-    return Recipe(method="debootstrap", distro=ref.distro, release=ref.release)
-
-
-def image_key(recipe: Recipe) -> str:
-    digest = hashlib.sha256(
-        json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode()
-    ).hexdigest()
-    return f"{recipe.distro}-{recipe.release}-{digest[:12]}"
+    def versions(self) -> list[Path]:
+        return sorted(
+            (p for p in self.path.glob("v[0-9]*") if p.name[1:].isdigit()),
+            key=lambda p: int(p.name[1:]),
+        )
 
 
 class ImageStore:
@@ -48,68 +51,204 @@ class ImageStore:
         self.root = root
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """One builder at a time: two `add`s of a new image must not both bootstrap it."""
+    def locked(self) -> Iterator[None]:
+        """One writer at a time: two `add`s of a new image must not both bootstrap it."""
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
     def find(self, recipe: Recipe) -> Image | None:
-        path = self.root / image_key(recipe)
-        return Image(path.name, path, recipe) if (path / "recipe.json").is_file() else None
+        path = self.root / recipe.key
+        if not (path / "recipe.json").is_file():
+            return None
+        return Image(path.name, path, Recipe.from_json((path / "recipe.json").read_text()))
+
+    def get(self, key_or_image: str) -> Image:
+        """An image by its key (debian-bookworm-0123abcd) or its name (template:web)."""
+        key = (
+            key_or_image.replace(":", "-", 1) if key_or_image.startswith(TEMPLATE) else key_or_image
+        )
+        for image in self.images():
+            if key in (image.key, image.recipe.image):
+                return image
+        raise UsageError(
+            f"no image {key_or_image!r} in {self.root}", hint="see `nspawnctl image list`"
+        )
 
     def ensure(self, recipe: Recipe) -> Image:
         """The image of `recipe`, bootstrapping it if it is not cached yet."""
         image = self.find(recipe)
         if image is not None:
             return image
+        if recipe.method == TEMPLATE:
+            raise UsageError(
+                f"no image {recipe.image} in the store",
+                hint="make it with `nspawnctl image import FILE "
+                f"{recipe.name}`, or give `bootstrap: {{method: tar, "
+                "source: FILE}`",
+            )
         builder = bootstrapper(recipe.method)
         builder.check(recipe)
-        with self._locked():
+        with self.locked():
             image = self.find(recipe)  # built by someone else while we waited
             if image is not None:
                 return image
-            key = image_key(recipe)
-            staging = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=self.root))
+            return self._build(
+                recipe, lambda rootfs, progress: builder.build(recipe, rootfs, progress)
+            )
+
+    def import_tree(self, recipe: Recipe, source: Path) -> Image:
+        """A new image from an existing root filesystem tree (a template)."""
+        with self.locked():
+            if self.find(recipe) is not None:
+                raise UsageError(
+                    f"image {recipe.image} exists already",
+                    hint=f"`nspawnctl image remove {recipe.image}` first",
+                )
+            return self._build(recipe, lambda rootfs, _progress: _copy_tree(source, rootfs))
+
+    def _build(self, recipe: Recipe, fill: Callable[[Path, Progress], None]) -> Image:
+        staging = Path(tempfile.mkdtemp(prefix=f".build-{recipe.key}-", dir=self.root))
+        try:
+            progress = Progress(f"building {recipe.image}")
+            log.info("building image %s (%s)", recipe.image, recipe.describe())
+            fill(staging / "v1", progress)
+            finish_rootfs(staging / "v1", recipe.source or recipe.image)
+            (staging / "recipe.json").write_text(recipe.to_json())
+            (staging / "current").symlink_to("v1")
+            staging.chmod(0o755)
+            staging.rename(self.root / recipe.key)
+            progress.done(f"image {recipe.image} is ready ({recipe.key})")
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        image = self.find(recipe)
+        assert image is not None
+        return image
+
+    def update(self, image: Image, command: Sequence[str]) -> tuple[Path, Path]:
+        """Run `command` in a copy of the current version and make that copy the new
+        current version. Returns (old, new). The old version stays for as long as a
+        running container still has it mounted."""
+        with self.locked():
+            old = image.current
+            number = int(image.versions()[-1].name[1:]) + 1
+            staging = image.path / f".v{number}.tmp"
+            if staging.exists():  # left by an interrupted update
+                shutil.rmtree(staging)
             try:
-                progress = Progress(f"bootstrapping {recipe.distro}:{recipe.release}")
-                log.info(
-                    "bootstrapping image %s:%s with %s (a few minutes, once)",
-                    recipe.distro,
-                    recipe.release,
-                    recipe.method,
+                run(["cp", "-a", "--reflink=auto", old, staging])
+                run(
+                    [
+                        "systemd-nspawn",
+                        "--quiet",
+                        "--register=no",
+                        "--keep-unit",
+                        f"--directory={staging}",
+                        "--link-journal=no",
+                        "--timezone=off",
+                        "--resolv-conf=bind-host",
+                        f"--machine=update-{number}",
+                        "--",
+                        *command,
+                    ],
+                    progress=Progress(f"updating {image.recipe.image}"),
                 )
-                builder.build(recipe, staging / "rootfs", progress)
-                prepare_rootfs(staging / "rootfs")
-                (staging / "recipe.json").write_text(
-                    json.dumps(dataclasses.asdict(recipe), indent=2) + "\n"
-                )
-                staging.chmod(0o755)
-                staging.rename(self.root / key)
-                progress.done(f"image {key} is ready")
-            finally:
-                if staging.exists():
-                    shutil.rmtree(staging, ignore_errors=True)
-        return Image(key, self.root / key, recipe)
+                finish_rootfs(staging, image.recipe.image)
+                new = image.path / f"v{number}"
+                staging.rename(new)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            link = image.path / ".current.tmp"
+            link.unlink(missing_ok=True)
+            link.symlink_to(new.name)
+            link.rename(image.path / "current")  # atomic: readers see old or new
+        return old, new
+
+    def collect(self, image: Image, in_use: set[Path]) -> list[Path]:
+        """Delete versions that are neither current nor mounted; return them."""
+        gone = []
+        with self.locked():
+            for version in image.versions():
+                if version != image.current and version not in in_use:
+                    shutil.rmtree(version)
+                    gone.append(version)
+        return gone
+
+    def remove(self, image: Image) -> None:
+        with self.locked():
+            doomed = image.path.with_name(f".{image.key}.removing")
+            image.path.rename(doomed)
+            shutil.rmtree(doomed)
 
     def images(self) -> list[Image]:
         found = []
         for recipe_file in sorted(self.root.glob("*/recipe.json")):
-            recipe = Recipe(**json.loads(recipe_file.read_text()))
-            recipe = dataclasses.replace(recipe, packages=tuple(recipe.packages))
-            found.append(Image(recipe_file.parent.name, recipe_file.parent, recipe))
+            path = recipe_file.parent
+            found.append(Image(path.name, path, Recipe.from_json(recipe_file.read_text())))
         return found
 
 
-def prepare_rootfs(rootfs: Path) -> None:
-    """Make a freshly bootstrapped tree a template that containers can be made from:
-    nothing in it may identify one machine, because every container starts from it."""
-    # Host keys and machine-id are per container; a shared one would make every
-    # container the same SSH host and the same journal.
+def _copy_tree(source: Path, target: Path) -> None:
+    run(["cp", "-a", "--reflink=auto", source, target])
+
+
+def finish_rootfs(rootfs: Path, origin: str) -> None:
+    """What every image needs, whatever built it."""
+    sanitize(rootfs)
+    verify_rootfs(rootfs, origin)
+    strip_identity(rootfs)
+
+
+def sanitize(rootfs: Path) -> None:
+    """No device nodes and nothing of a running system: a device node copied into a
+    guest is a door from the container to the host's devices. systemd-nspawn gives
+    every container a fresh /dev, /proc, /sys and /run of its own."""
+    for top in ("dev", "proc", "sys", "run"):
+        path = rootfs / top
+        if path.is_dir() and not path.is_symlink():
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        elif not path.exists():
+            path.mkdir(mode=0o755)
+    device = stat.S_IFCHR, stat.S_IFBLK
+    for directory, _dirs, files in os.walk(rootfs):
+        for name in files:
+            file = os.path.join(directory, name)
+            if stat.S_IFMT(os.lstat(file).st_mode) in device:
+                os.unlink(file)
+
+
+def verify_rootfs(rootfs: Path, origin: str) -> None:
+    """A container boots with systemd and is reached through sshd: refuse a tree that
+    has neither, with what is missing."""
+    needs = {
+        "an /etc/os-release": ("etc/os-release", "usr/lib/os-release"),
+        "systemd (/usr/lib/systemd/systemd)": ("usr/lib/systemd/systemd", "lib/systemd/systemd"),
+    }
+    for what, candidates in needs.items():
+        if not any(os.path.lexists(rootfs / c) for c in candidates):
+            raise OperationError(
+                f"{origin} is not a root filesystem nspawnctl can boot: it has no {what}",
+                hint="give the archive or directory of a whole OS tree "
+                "with systemd and openssh-server installed",
+            )
+
+
+def strip_identity(rootfs: Path) -> None:
+    """Nothing in an image may identify one machine, because every container starts
+    from it: host keys and machine-id are made per container."""
     for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
-    (rootfs / "etc/machine-id").write_text("")
+    machine_id_file = rootfs / "etc/machine-id"
+    if machine_id_file.is_symlink():
+        machine_id_file.unlink()
+    machine_id_file.write_text("")
     dbus_id = rootfs / "var/lib/dbus/machine-id"
     if dbus_id.is_file() and not dbus_id.is_symlink():
         dbus_id.unlink()

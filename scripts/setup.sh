@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 
 packages=(
     systemd-container     # systemd-nspawn, machinectl, systemd-machined
-    debootstrap           # bootstraps Debian images
+    debootstrap           # bootstraps Debian and Ubuntu images
+    dnf rpm createrepo-c  # bootstraps Fedora-family images; the tests build a local repo
+    zstd xz-utils         # tar imports of .tar.zst and .tar.xz archives
     libsystemd-dev pkg-config gcc   # pystemd builds against libsystemd
     openssh-client        # ssh-keygen for guest host keys; ssh for the tests
     iproute2              # ss, for the tests

@@ -1,29 +1,21 @@
-"""Bootstrap methods: one module each, registered by subclassing `Bootstrapper`."""
+"""Bootstrap methods: one module each, registered by subclassing `Bootstrapper`.
+
+A method fills an empty directory with a root filesystem. What every image needs after
+that (no device nodes, no machine identity, a persistent journal) is done once, for
+every method, by the image store."""
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from nspawnctl.errors import UsageError
+from nspawnctl.recipe import METHODS, Recipe
 
-# What every guest needs to boot and be reached: systemd as init, a bus for
-# machinectl, sshd for the passed socket.
-BASE_PACKAGES = ("systemd", "dbus", "openssh-server", "iproute2")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Everything that decides what an image contains; equal recipes share an image."""
-
-    method: str
-    distro: str
-    release: str
-    mirror: str | None = None
-    packages: tuple[str, ...] = ()
+Progress = Callable[[str], None]
 
 
 class Bootstrapper(ABC):
@@ -36,21 +28,20 @@ class Bootstrapper(ABC):
 
     @abstractmethod
     def check(self, recipe: Recipe) -> None:
-        """Fail early, before anything is written, if the recipe cannot be built here."""
+        """Fail early, before anything is written, if the recipe cannot be built here:
+        a missing tool, a missing source, an unknown release. Raise NspawnctlError."""
 
     @abstractmethod
-    def build(self, recipe: Recipe, target: Path, progress: Callable[[str], None]) -> None:
-        """Fill the empty directory `target` with a root filesystem."""
+    def build(self, recipe: Recipe, target: Path, progress: Progress) -> None:
+        """Fill `target` (does not exist yet; its parent does) with a root filesystem."""
 
 
 def bootstrapper(method: str) -> Bootstrapper:
-    # Import for the side effect of registering every method.
-    from nspawnctl.bootstrap import debootstrap  # noqa: F401, PLC0415
-
+    if method in METHODS and method not in Bootstrapper.registry:
+        importlib.import_module(f"nspawnctl.bootstrap.{method}")
     try:
         return Bootstrapper.registry[method]()
     except KeyError:
         raise UsageError(
-            f"unknown bootstrap method {method!r}",
-            hint="known: " + ", ".join(sorted(Bootstrapper.registry)),
+            f"unknown bootstrap method {method!r}", hint="known: " + ", ".join(METHODS)
         ) from None

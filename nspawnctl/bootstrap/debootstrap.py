@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
-from nspawnctl.bootstrap import BASE_PACKAGES, Bootstrapper, Recipe
+from nspawnctl.bootstrap import Bootstrapper, Progress
 from nspawnctl.errors import OperationError
+from nspawnctl.recipe import Recipe
 from nspawnctl.run import run
 
 _SCRIPTS = Path("/usr/share/debootstrap/scripts")
+# What every guest needs to boot and be reached: systemd as init, a bus for
+# machinectl, sshd for the passed socket.
+BASE_PACKAGES = ("systemd", "dbus", "openssh-server", "iproute2")
+_DEFAULT_MIRRORS = {"ubuntu": "http://archive.ubuntu.com/ubuntu"}  # Debian: debootstrap's own
 
 
 class Debootstrap(Bootstrapper):
@@ -19,13 +23,13 @@ class Debootstrap(Bootstrapper):
         if not _SCRIPTS.is_dir():
             raise OperationError("debootstrap is not installed", hint="apt-get install debootstrap")
         if not (_SCRIPTS / recipe.release).exists():
-            known = sorted(p.name for p in _SCRIPTS.iterdir() if p.is_symlink() or p.is_file())
+            known = sorted(p.name for p in _SCRIPTS.iterdir())
             raise OperationError(
                 f"debootstrap does not know the release {recipe.release!r}",
                 hint="known here: " + ", ".join(known[-12:]),
             )
 
-    def build(self, recipe: Recipe, target: Path, progress: Callable[[str], None]) -> None:
+    def build(self, recipe: Recipe, target: Path, progress: Progress) -> None:
         packages = ",".join(dict.fromkeys((*BASE_PACKAGES, *recipe.packages)))
         argv: list[str | Path] = [
             "debootstrap",
@@ -34,6 +38,7 @@ class Debootstrap(Bootstrapper):
             recipe.release,
             target,
         ]
-        if recipe.mirror:
-            argv.append(recipe.mirror)
+        mirror = recipe.mirror or _DEFAULT_MIRRORS.get(recipe.distro)
+        if mirror:
+            argv.append(mirror)
         run(argv, progress=progress)

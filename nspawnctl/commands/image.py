@@ -1,45 +1,188 @@
-"""image build / image list: the image store."""
+"""image build / list / update / remove / export / import: the image store."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
-from nspawnctl.config import parse_image
-from nspawnctl.container import load_all
-from nspawnctl.errors import UsageError
+from nspawnctl.container import users_of
+from nspawnctl.errors import OperationError, UsageError
+from nspawnctl.layers import Layer, disk_usage, mounted_lower
+from nspawnctl.log import log
+from nspawnctl.names import machine_name
 from nspawnctl.paths import Paths
-from nspawnctl.store import ImageStore, recipe_for
+from nspawnctl.recipe import TEMPLATE, Recipe, parse_image
+from nspawnctl.run import run
+from nspawnctl.store import ImageStore
+from nspawnctl.update import default_command, update_image
+
+_VERBS = {
+    "build": "bootstrap an image now, or make a template from a stopped container (--from)",
+    "list": "images in the store: recipe, version, size, the containers using them",
+    "update": "run a command in an image (default: its distribution's upgrade); every "
+    "container sees the result on its next start",
+    "remove": "delete an image no container uses",
+    "export": "write an image's current version to a tar archive (.tar, .tar.gz, .tar.zst...)",
+    "import": "make template:NAME from a root filesystem archive or directory",
+}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    help_text = "the image store: bootstrapped root filesystems that containers are made from"
+    help_text = "the image store: root filesystems that containers are layers over"
     p = sub.add_parser("image", help=help_text, description=help_text)
     verbs = p.add_subparsers(dest="image_verb", metavar="IMAGE_VERB", required=True)
-    build = verbs.add_parser("build", help="bootstrap an image now (cached: once per recipe)")
-    build.add_argument("image", metavar="IMAGE", help="distro:release, e.g. debian:bookworm")
-    build.set_defaults(handler=run_build)
-    listing = verbs.add_parser("list", help="images in the store and the containers using them")
-    listing.set_defaults(handler=run_list)
+    parsers = {v: verbs.add_parser(v, help=h, description=h) for v, h in _VERBS.items()}
+    parsers["build"].add_argument(
+        "image", metavar="IMAGE", help="distro:release, or template:NAME with --from"
+    )
+    parsers["build"].add_argument(
+        "--from",
+        dest="source",
+        metavar="CONTAINER",
+        type=machine_name,
+        help="a stopped container to copy",
+    )
+    for verb in ("update", "remove", "export"):
+        parsers[verb].add_argument(
+            "image", metavar="IMAGE", help="as in the YAML (debian:bookworm, template:NAME) or key"
+        )
+    parsers["update"].add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD")
+    parsers["export"].add_argument("file", metavar="FILE", type=Path)
+    parsers["import"].add_argument(
+        "file", metavar="FILE", type=Path, help="a .tar[.gz|.xz|.zst] archive or a directory"
+    )
+    parsers["import"].add_argument("name", metavar="NAME", help="the new image is template:NAME")
+    for verb, parser in parsers.items():
+        parser.set_defaults(handler=globals()[f"run_{verb}"])
+
+
+def _recipe(value: str) -> Recipe:
+    try:
+        return parse_image(value)
+    except ValueError as err:
+        raise UsageError(f"IMAGE: {err}", hint="e.g. debian:bookworm or template:NAME") from None
+
+
+def _store(paths: Paths) -> ImageStore:
+    return ImageStore(paths.image_dir)
 
 
 def run_build(args: argparse.Namespace, paths: Paths) -> int:
-    try:
-        ref = parse_image(args.image)
-    except ValueError as err:
-        raise UsageError(f"IMAGE: {err}", hint="e.g. debian:bookworm") from None
-    image = ImageStore(paths.image_dir).ensure(recipe_for(ref))
+    recipe = _recipe(args.image)
+    if args.source is None:
+        image = _store(paths).ensure(recipe)
+    elif recipe.method != TEMPLATE:
+        raise UsageError("--from makes a template: name it template:NAME")
+    else:
+        with _merged_view(paths, args.source) as tree:
+            source = Recipe(method="directory", name=recipe.name, source=f"container {args.source}")
+            image = _store(paths).import_tree(source, tree)
     print(image.path)
     return 0
 
 
+@contextlib.contextmanager
+def _merged_view(paths: Paths, name: str) -> Iterator[Path]:
+    """A stopped container's whole tree, read-only: its layer stacked over its image."""
+    root = paths.machine_dir(name)
+    layer = Layer.of(paths, name)
+    if not layer.upper.is_dir():
+        raise UsageError(f"no container {name!r}", hint="see `nspawnctl list`")
+    if mounted_lower(root) is not None:
+        raise UsageError(f"{name} is running", hint=f"`nspawnctl stop {name}` first")
+    from nspawnctl.config import load_config  # noqa: PLC0415 - only this verb needs it
+
+    config = load_config(name, paths.config_file(name))
+    lower = _store(paths).ensure(config.image).current
+    with tempfile.TemporaryDirectory(prefix="nspawnctl-view-") as view:
+        run(["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={layer.upper}:{lower}", view])
+        try:
+            yield Path(view)
+        finally:
+            run(["umount", view])
+
+
 def run_list(args: argparse.Namespace, paths: Paths) -> int:
-    configs, _errors = load_all(paths)
-    table = [["IMAGE", "RECIPE", "CONTAINERS"]]
-    for image in ImageStore(paths.image_dir).images():
-        users = [c.name for c in configs if recipe_for(c.image) == image.recipe]
-        recipe = f"{image.recipe.method} {image.recipe.distro}:{image.recipe.release}"
-        table.append([image.key, recipe, ",".join(users) or "-"])
-    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    table = [["IMAGE", "VERSION", "SIZE", "CONTAINERS", "RECIPE"]]
+    for image in _store(paths).images():
+        users = ",".join(c.name for c in users_of(paths, image)) or "-"
+        size = f"{disk_usage(image.current) / 2**20:.0f}M"
+        table.append([image.recipe.image, image.current.name, size, users, image.recipe.describe()])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def run_update(args: argparse.Namespace, paths: Paths) -> int:
+    image = _store(paths).get(args.image)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    report = update_image(paths, image, command or default_command(image.recipe))
+    log.info("%s: %s is now %s", image.recipe.image, report.old.name, report.new.name)
+    if report.restart:
+        log.info("running on the old version until restarted: %s", " ".join(report.restart))
+    for name, files in report.conflicts.items():
+        log.warning(
+            "%s has its own copy of %d file(s) the update changed; its copy wins: %s",
+            name,
+            len(files),
+            " ".join(files[:10]) + (" ..." if len(files) > 10 else ""),
+        )
+    return 0
+
+
+def run_remove(args: argparse.Namespace, paths: Paths) -> int:
+    image = _store(paths).get(args.image)
+    users = users_of(paths, image)
+    if users:
+        raise UsageError(
+            f"{image.recipe.image} is used by: " + ", ".join(c.name for c in users),
+            hint="remove those containers first",
+        )
+    _store(paths).remove(image)
+    log.info("removed image %s", image.recipe.image)
+    return 0
+
+
+def run_export(args: argparse.Namespace, paths: Paths) -> int:
+    image = _store(paths).get(args.image)
+    target: Path = args.file.absolute()
+    # The partial file keeps the target's suffix: tar picks the compressor from it.
+    partial = target.with_name(f".partial-{target.name}")
+    try:
+        run(
+            [
+                "tar",
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+                "--acls",
+                "--auto-compress",
+                "-C",
+                image.current,
+                "-cf",
+                partial,
+                ".",
+            ]
+        )
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    log.info("exported %s (%s) to %s", image.recipe.image, image.current.name, target)
+    return 0
+
+
+def run_import(args: argparse.Namespace, paths: Paths) -> int:
+    recipe = _recipe(f"{TEMPLATE}:{args.name}")
+    source: Path = args.file.absolute()
+    if not source.exists():
+        raise OperationError(f"{source}: no such file or directory")
+    method = "directory" if source.is_dir() else "tar"
+    image = _store(paths).ensure(Recipe(method=method, name=recipe.name, source=str(source)))
+    print(image.path)
     return 0

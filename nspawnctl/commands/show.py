@@ -59,7 +59,7 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
             "socket": _socket_state(states[socket_unit(c.name)]),
             "container": _container_state(states[service_unit(c.name)]),
             "listen": [str(listen) for _key, listen in c.listens()],
-            "image": str(c.image),
+            "image": c.image.image,
         }
         for c in configs
     ]
@@ -100,7 +100,7 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
     return {
         "name": name,
         "config": str(paths.config_file(name)),
-        "image": str(config.image) if config else None,
+        "image": config.image.image if config else None,
         "listen": [str(listen) for _key, listen in config.listens()] if config else [],
         "socket": {"unit": socket, "state": _socket_state(states[socket]), "enabled": enabled},
         "container": {"unit": service, "state": _container_state(states[service])},

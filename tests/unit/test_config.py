@@ -35,7 +35,7 @@ def error_of(name: str, data: Any, file: Path = FILE) -> ConfigError:
 def test_minimal_file_parses(pubkey: Path) -> None:
     config = parse_config("web", good(pubkey), FILE)
     assert config.hostname == "web"
-    assert str(config.image) == "debian:bookworm"
+    assert config.image.image == "debian:bookworm"
     assert config.ssh.listen.unit_value() == "2222"
     assert config.ssh.authorized_keys == (pubkey.read_text().strip(),)
 
@@ -97,10 +97,60 @@ def test_bad_names(pubkey: Path, name: str) -> None:
     assert error_of(name, good(pubkey)).key == "name"
 
 
-@pytest.mark.parametrize(("image", "hint"), [("ubuntu", "distro"), ("debian:Bad!", "e.g.")])
-def test_bad_image(pubkey: Path, image: str, hint: str) -> None:
+@pytest.mark.parametrize(
+    ("image", "problem"),
+    [
+        ("ubuntu", "<distro>:<release>"),
+        ("debian:Bad!", "not a release"),
+        ("arch:latest", "not a distribution"),
+        ("template:../x", "not a template name"),
+    ],
+)
+def test_bad_image(pubkey: Path, image: str, problem: str) -> None:
     err = error_of("web", good(pubkey, image=image))
-    assert err.key == "image" and hint in (err.hint or "")
+    assert err.key == "image" and problem in err.message
+
+
+@pytest.mark.parametrize(
+    ("image", "bootstrap", "key", "problem"),
+    [
+        ("debian:bookworm", {"method": "dnf"}, "bootstrap.method", "built with debootstrap"),
+        ("debian:bookworm", {"method": "zypper"}, "bootstrap.method", "not a bootstrap method"),
+        ("template:app", {"method": "tar"}, "bootstrap.source", "required"),
+        ("template:app", {"method": "debootstrap"}, "bootstrap.method", "cannot build a template"),
+        ("debian:bookworm", {"source": "/x.tar"}, "bootstrap.source", "only for"),
+        (
+            "debian:bookworm",
+            {"packages": ["ok", "no way"]},
+            "bootstrap.packages[1]",
+            "not a package",
+        ),
+        ("debian:bookworm", {"mirrors": "x"}, "bootstrap.mirrors", "unknown key"),
+    ],
+)
+def test_bad_bootstrap(
+    pubkey: Path, image: str, bootstrap: dict[str, Any], key: str, problem: str
+) -> None:
+    err = error_of("web", good(pubkey, image=image, bootstrap=bootstrap))
+    assert (err.key, problem in err.message) == (key, True), err.message
+
+
+def test_recipes_decide_the_image(pubkey: Path) -> None:
+    plain = parse_config("a", good(pubkey), FILE).image
+    same = parse_config("b", good(pubkey, bootstrap={"method": "debootstrap"}), FILE).image
+    more = parse_config("c", good(pubkey, bootstrap={"packages": ["nginx"]}), FILE).image
+    tar = parse_config(
+        "d",
+        good(pubkey, image="template:app", bootstrap={"method": "tar", "source": "app.tar.zst"}),
+        FILE,
+    ).image
+    assert plain.key == same.key != more.key
+    assert more.packages == ("nginx",)
+    assert (tar.method, tar.key, tar.source) == (
+        "tar",
+        "template-app",
+        "/etc/nspawnctl/app.tar.zst",
+    )
 
 
 @pytest.mark.parametrize(

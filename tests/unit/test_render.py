@@ -8,7 +8,7 @@ import pytest
 from nspawnctl.config import parse_config
 from nspawnctl.install import verify_units
 from nspawnctl.paths import Paths
-from nspawnctl.render import GENERATED_MARK, Rendering, render
+from nspawnctl.render import GENERATED_MARK, MachineState, Rendering, render
 
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
 
@@ -27,7 +27,8 @@ def rendering(pubkey: Path) -> Rendering:
         "ssh": {"listen": "127.0.0.1:2200", "authorized_keys": [str(pubkey)]},
     }
     config = parse_config("web", data, Path("/etc/nspawnctl/web.yaml"))
-    return render(config, Paths.from_env({}), MACHINE_ID)
+    state = MachineState(MACHINE_ID, Path("/var/lib/nspawnctl/images/debian-x/v3"))
+    return render(config, Paths.from_env({}), state)
 
 
 def files(r: Rendering) -> dict[str, str]:
@@ -74,15 +75,21 @@ def test_service_drop_in_boots_this_machine(rendering: Rendering) -> None:
     assert settings["Network"]["Private"] == "yes"
 
 
-def test_rendering_is_pure(rendering: Rendering, pubkey: Path) -> None:
-    data = {
-        "hostname": "www",
-        "ssh": {"listen": "127.0.0.1:2200", "authorized_keys": [str(pubkey)]},
-    }
-    again = render(
-        parse_config("web", data, Path("/etc/nspawnctl/web.yaml")), Paths.from_env({}), MACHINE_ID
+def test_root_is_the_layer_over_one_image_version(rendering: Rendering) -> None:
+    out = files(rendering)
+    mount = unit(out["/etc/systemd/system/var-lib-machines-web.mount"])
+    assert mount["Mount"]["Where"] == "/var/lib/machines/web"
+    assert mount["Mount"]["Options"] == (
+        "lowerdir=/var/lib/nspawnctl/images/debian-x/v3,"
+        "upperdir=/var/lib/nspawnctl/layers/web/upper,workdir=/var/lib/nspawnctl/layers/web/work"
     )
-    assert again == rendering
+    assert mount["Unit"]["StopWhenUnneeded"] == "yes"
+    drop_in = out["/etc/systemd/system/systemd-nspawn@web.service.d/nspawnctl.conf"]
+    assert "Requires=var-lib-machines-web.mount" in drop_in
+
+
+def test_rendering_is_pure(rendering: Rendering, pubkey: Path) -> None:
+    assert render_web(pubkey) == rendering
 
 
 def test_systemd_accepts_the_host_units(rendering: Rendering) -> None:

@@ -1,0 +1,126 @@
+"""What an image is made from. Equal recipes share one image; a different recipe is a
+different image. Pure data and validation, no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+# distro -> the bootstrap method that builds it
+DISTROS = {
+    "debian": "debootstrap",
+    "ubuntu": "debootstrap",
+    "fedora": "dnf",
+    "centos": "dnf",
+    "rocky": "dnf",
+    "almalinux": "dnf",
+}
+METHODS = ("debootstrap", "dnf", "tar", "directory")
+# Imports of an existing tree; their images are named by the user (template:NAME).
+IMPORT_METHODS = ("tar", "directory")
+TEMPLATE = "template"
+
+_RELEASE_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,31}$")
+_TEMPLATE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str  # one of METHODS, or "template" for an image that already exists
+    distro: str = ""  # empty for imports and templates
+    release: str = ""
+    mirror: str | None = None
+    packages: tuple[str, ...] = ()
+    source: str | None = None  # archive or directory, for the import methods
+    name: str | None = None  # the template's name, for template:NAME
+
+    @property
+    def image(self) -> str:
+        """How the YAML names it: distro:release or template:NAME."""
+        return f"{TEMPLATE}:{self.name}" if self.name else f"{self.distro}:{self.release}"
+
+    @property
+    def key(self) -> str:
+        """The image's directory name in the store."""
+        if self.name:
+            return f"{TEMPLATE}-{self.name}"
+        fields = dataclasses.asdict(self)
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        return f"{self.distro}-{self.release}-{digest[:12]}"
+
+    def describe(self) -> str:
+        parts = [self.method]
+        if self.distro:
+            parts.append(f"{self.distro}:{self.release}")
+        if self.source:
+            parts.append(self.source)
+        if self.mirror:
+            parts.append(self.mirror)
+        if self.packages:
+            parts.append("+" + ",".join(self.packages))
+        return " ".join(parts)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        data = json.loads(text)
+        data["packages"] = tuple(data.get("packages") or ())
+        return cls(**data)
+
+
+def parse_image(value: str) -> Recipe:
+    """`distro:release` or `template:NAME`; ValueError says what is wrong."""
+    kind, sep, rest = value.partition(":")
+    if not sep:
+        raise ValueError(f"{value!r} is not <distro>:<release> or template:<name>")
+    if kind == TEMPLATE:
+        if not _TEMPLATE_RE.match(rest):
+            raise ValueError(f"{rest!r} is not a template name (lowercase letters, digits, '-')")
+        return Recipe(method=TEMPLATE, name=rest)
+    if kind not in DISTROS:
+        raise ValueError(
+            f"{kind!r} is not a distribution nspawnctl can bootstrap (known: {', '.join(DISTROS)})"
+        )
+    if not _RELEASE_RE.match(rest):
+        raise ValueError(f"{rest!r} is not a release name")
+    return Recipe(method=DISTROS[kind], distro=kind, release=rest)
+
+
+def with_bootstrap(
+    recipe: Recipe,
+    *,
+    method: str | None = None,
+    mirror: str | None = None,
+    packages: tuple[str, ...] = (),
+    source: str | None = None,
+) -> Recipe:
+    """Apply a `bootstrap:` section to the recipe of `image:`; ValueError names the key."""
+    if method is not None and method not in METHODS:
+        raise ValueError(
+            f"method: {method!r} is not a bootstrap method (known: {', '.join(METHODS)})"
+        )
+    if recipe.method == TEMPLATE:
+        if method is None:
+            if mirror or packages or source:
+                raise ValueError("method: required to build a template (tar or directory)")
+            return recipe
+        if method not in IMPORT_METHODS:
+            raise ValueError(
+                f"method: {method!r} cannot build a template; "
+                "use tar or directory (or a distro:release image)"
+            )
+        if not source:
+            raise ValueError(f"source: required by method {method}")
+        if mirror or packages:
+            raise ValueError(f"{'mirror' if mirror else 'packages'}: not used by method {method}")
+        return dataclasses.replace(recipe, method=method, source=source)
+    if method is not None and method != recipe.method:
+        raise ValueError(f"method: {recipe.image} is built with {recipe.method}, not {method}")
+    if source:
+        raise ValueError("source: only for the tar and directory methods of template:NAME")
+    return dataclasses.replace(recipe, mirror=mirror, packages=tuple(sorted(set(packages))))

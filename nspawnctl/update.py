@@ -1,0 +1,98 @@
+"""Update an image once for every container made from it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from nspawnctl.bus import Systemd
+from nspawnctl.container import load_all, rendering_for, users_of
+from nspawnctl.errors import UsageError
+from nspawnctl.install import write_atomic
+from nspawnctl.layers import Layer, mounted_lower
+from nspawnctl.paths import Paths
+from nspawnctl.recipe import Recipe
+from nspawnctl.store import Image, ImageStore
+
+_UPGRADE = {
+    "debootstrap": [
+        "sh",
+        "-c",
+        "apt-get update && DEBIAN_FRONTEND=noninteractive "
+        "apt-get -y -o Dpkg::Options::=--force-confold dist-upgrade && apt-get clean",
+    ],
+    "dnf": ["dnf", "-y", "upgrade"],
+}
+
+
+@dataclass(frozen=True)
+class UpdateReport:
+    old: Path
+    new: Path
+    restart: list[str]  # running containers still on an older version
+    conflicts: dict[str, list[str]]  # container -> files it changed that the update changed too
+    collected: list[Path]  # versions deleted because nothing uses them any more
+
+
+def default_command(recipe: Recipe) -> list[str]:
+    try:
+        return _UPGRADE[recipe.method]
+    except KeyError:
+        raise UsageError(
+            f"{recipe.image} has no distribution upgrade nspawnctl knows",
+            hint=f"give the command: nspawnctl image update {recipe.image} -- CMD...",
+        ) from None
+
+
+def update_image(paths: Paths, image: Image, command: Sequence[str]) -> UpdateReport:
+    store = ImageStore(paths.image_dir)
+    old, new = store.update(image, command)
+    image = store.get(image.key)
+    users = users_of(paths, image)
+    # Each user's mount unit now names the new version; it takes effect at the next
+    # mount, i.e. the container's next start. A running container is not touched.
+    with Systemd.connect() as systemd:
+        for config in users:
+            for file in rendering_for(paths, config, image).host:
+                path = Path(file.path)
+                if not path.exists() or path.read_text() != file.text:
+                    write_atomic(path, file.text, file.mode)
+        systemd.reload()
+    mounted = {c.name: mounted_lower(paths.machine_dir(c.name)) for c in load_all(paths)[0]}
+    restart = sorted(
+        name
+        for name in mounted
+        if name in {c.name for c in users} and mounted[name] not in (None, new)
+    )
+    own = {str(f.path) for c in users[:1] for f in rendering_for(paths, c, image).guest}
+    conflicts = {
+        c.name: changed_in_both(Layer.of(paths, c.name).upper, old, new, own) for c in users
+    }
+    in_use = {lower for lower in mounted.values() if lower is not None}
+    return UpdateReport(
+        old, new, restart, {k: v for k, v in conflicts.items() if v}, store.collect(image, in_use)
+    )
+
+
+def changed_in_both(upper: Path, old: Path, new: Path, own: set[str]) -> list[str]:
+    """Files a container has its own copy of (in its layer) that the update changed in
+    the image: the container's copy wins, so the update does not reach them."""
+    found = []
+    for directory, _dirs, files in os.walk(upper):
+        for name in files:
+            relative = os.path.relpath(os.path.join(directory, name), upper)
+            if relative in own or relative.startswith("etc/ssh/ssh_host_"):
+                continue  # nspawnctl's own per-container files
+            if _fingerprint(old / relative) != _fingerprint(new / relative):
+                found.append("/" + relative)
+    return sorted(found)
+
+
+def _fingerprint(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mode, st.st_size, st.st_mtime_ns
