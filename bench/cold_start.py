@@ -15,10 +15,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-from nspawnctl.config import ImageRef
-from nspawnctl.store import ImageStore, recipe_for
-from tests.integration.conftest import CLIENT_KEY, IMAGE_CACHE, STORE_IN_HOST
-from tests.testhost import Bind, TestHost
+from tests.integration.conftest import (
+    CLIENT_KEY,
+    IMAGE_CACHE,
+    STORE_IN_HOST,
+    booted_host,
+    cached_image,
+)
+from tests.testhost import TestHost
 
 # Times one cold connection from inside the test host: connect, read the banner, then
 # (for "command") run `true` over a real OpenSSH client.
@@ -127,10 +131,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
-    image = ImageStore(IMAGE_CACHE).ensure(recipe_for(ImageRef("debian", "bookworm")))
-    rootfs = f"{STORE_IN_HOST}/{image.key}/rootfs"
-    with TestHost(binds=[Bind(IMAGE_CACHE, STORE_IN_HOST)]) as host:
-        host.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", CLIENT_KEY])
+    image = cached_image()
+    rootfs = f"{STORE_IN_HOST}/{image.key}/{image.current.name}"
+    with booted_host(IMAGE_CACHE) as host:
         host.run(
             [
                 sys.executable,

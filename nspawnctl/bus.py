@@ -160,9 +160,6 @@ class Systemd:
     def stop(self, unit: str, timeout: float = JOB_TIMEOUT) -> None:
         self._job(b"StopUnit", unit, timeout)
 
-    def restart(self, unit: str, timeout: float = JOB_TIMEOUT) -> None:
-        self._job(b"RestartUnit", unit, timeout)
-
     def reset_failed(self, unit: str) -> None:
         self._manager(b"ResetFailedUnit", b"s", unit.encode(), doing=f"reset-failed {unit}")
 

@@ -144,7 +144,6 @@ class ImageStore:
                         "systemd-nspawn",
                         "--quiet",
                         "--register=no",
-                        "--keep-unit",
                         f"--directory={staging}",
                         "--link-journal=no",
                         "--timezone=off",

@@ -9,31 +9,35 @@ from nspawnctl.bus import Systemd
 from nspawnctl.container import is_installed
 from nspawnctl.errors import UsageError
 from nspawnctl.log import log
-from nspawnctl.names import machine_name, service_unit, socket_unit
+from nspawnctl.names import machine_name, mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
 
-Action = Callable[[Systemd, str], None]
+Action = Callable[[Systemd, str, Paths], None]
 
 
-def _start(systemd: Systemd, name: str) -> None:
+def _start(systemd: Systemd, name: str, paths: Paths) -> None:
     systemd.start(service_unit(name))
 
 
-def _stop(systemd: Systemd, name: str) -> None:
+def _stop(systemd: Systemd, name: str, paths: Paths) -> None:
     # Only the container: its socket keeps listening, so the next connection boots it.
     systemd.stop(service_unit(name))
 
 
-def _restart(systemd: Systemd, name: str) -> None:
-    systemd.restart(service_unit(name))
+def _restart(systemd: Systemd, name: str, paths: Paths) -> None:
+    # Not RestartUnit: the root's mount stays needed through a restart job, so the
+    # container would come back on the image version it had. Unmount in between.
+    systemd.stop(service_unit(name))
+    systemd.stop(mount_unit(paths.machine_dir(name)))
+    systemd.start(service_unit(name))
 
 
-def _enable(systemd: Systemd, name: str) -> None:
+def _enable(systemd: Systemd, name: str, paths: Paths) -> None:
     systemd.enable([socket_unit(name)])
     systemd.reload()
 
 
-def _disable(systemd: Systemd, name: str) -> None:
+def _disable(systemd: Systemd, name: str, paths: Paths) -> None:
     systemd.disable([socket_unit(name)])
     systemd.reload()
 
@@ -41,7 +45,8 @@ def _disable(systemd: Systemd, name: str) -> None:
 _VERBS: dict[str, tuple[Action, str, str]] = {
     "start": (_start, "boot a container now (waits until its boot has finished)", "started"),
     "stop": (_stop, "power a container off; its socket keeps listening", "stopped"),
-    "restart": (_restart, "power a container off and boot it again", "restarted"),
+    "restart": (_restart, "power a container off and boot it again, on its image's newest "
+                "version", "restarted"),
     "enable": (_enable, "listen on the container's socket from the next boot on", "enabled"),
     "disable": (_disable, "do not listen on the socket at boot any more", "disabled"),
 }
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
     action, _help, done = _VERBS[args.verb]
     require_installed(paths, args.name)
     with Systemd.connect() as systemd:
-        action(systemd, args.name)
+        action(systemd, args.name, paths)
     log.info("%s %s", done, args.name)
     return 0
 

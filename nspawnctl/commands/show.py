@@ -9,12 +9,14 @@ from typing import Any
 
 from nspawnctl.bus import Systemd, UnitState
 from nspawnctl.commands.lifecycle import require_installed
-from nspawnctl.config import load_config
+from nspawnctl.config import ContainerConfig, load_config
 from nspawnctl.container import load_all
 from nspawnctl.errors import ConfigError
+from nspawnctl.layers import Layer, disk_usage, mounted_lower
 from nspawnctl.log import log
 from nspawnctl.names import machine_name, service_unit, socket_unit
 from nspawnctl.paths import Paths
+from nspawnctl.store import ImageStore
 
 _UNSET = 2**64 - 1  # systemd's "no value" for counters such as MemoryCurrent
 _CONTAINER_STATE = {
@@ -108,6 +110,23 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
         "memory_bytes": None if memory == _UNSET else int(memory),
         "uptime_seconds": round(time.time() - since / 1e6, 1) if since else None,
         "tree": str(paths.machine_dir(name)),
+        **_layer_info(paths, name, config),
+    }
+
+
+def _layer_info(paths: Paths, name: str, config: ContainerConfig | None) -> dict[str, Any]:
+    layer = Layer.of(paths, name)
+    mounted = mounted_lower(paths.machine_dir(name))
+    image = ImageStore(paths.image_dir).find(config.image) if config else None
+    current = image.current if image else None
+    version = mounted or current
+    return {
+        "layer": {
+            "path": str(layer.path),
+            "bytes": disk_usage(layer.path) if layer.path.exists() else None,
+        },
+        "image_version": version.name if version else None,
+        "needs_restart": bool(mounted and current and mounted != current),
     }
 
 
@@ -134,6 +153,12 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
         ("memory", _size(info["memory_bytes"])),
         ("uptime", _duration(info["uptime_seconds"])),
         ("tree", info["tree"]),
+        ("layer", f"{_size(info['layer']['bytes'])} in {info['layer']['path']}"),
+        (
+            "version",
+            (info["image_version"] or "-")
+            + (" (the image has a newer one: restart to use it)" if info["needs_restart"] else ""),
+        ),
     ]
     print(args.name)
     for label, value in lines:

@@ -4,21 +4,25 @@ between runs, because the test host has no network of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
-from nspawnctl.config import ImageRef
-from nspawnctl.store import ImageStore, recipe_for
+from nspawnctl.recipe import parse_image
+from nspawnctl.store import Image, ImageStore
 from tests.testhost import Bind, TestHost
 
 # Keyed by recipe inside, so a changed recipe is a new image, never a stale one.
 IMAGE_CACHE = Path(os.environ.get("NSPAWNCTL_TEST_IMAGE_CACHE", "/var/cache/nspawnctl-test/images"))
-STORE_IN_HOST = "/var/lib/nspawnctl/images"
+STATE_IN_HOST = "/var/lib/nspawnctl"
+STORE_IN_HOST = f"{STATE_IN_HOST}/images"
 CLIENT_KEY = "/root/.ssh/id_ed25519"
 
 
@@ -28,18 +32,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+def cached_image() -> Image:
+    """debian:bookworm, bootstrapped on this machine once (the test host has no network)."""
+    return ImageStore(IMAGE_CACHE).ensure(parse_image("debian:bookworm"))
+
+
 @pytest.fixture(scope="session")
 def image_cache() -> Path:
     if os.geteuid() != 0 or shutil.which("systemd-nspawn") is None:
         pytest.skip("integration tests need root and systemd-nspawn (see README.md)")
-    ImageStore(IMAGE_CACHE).ensure(recipe_for(ImageRef("debian", "bookworm")))
+    cached_image()
     return IMAGE_CACHE
+
+
+@contextlib.contextmanager
+def booted_host(images: Path) -> Iterator[TestHost]:
+    """A test host whose image store is `images` and whose container layers live on a
+    real file system of this machine: overlayfs cannot use the host's own overlay root
+    as an upper layer."""
+    with tempfile.TemporaryDirectory(prefix="nspawnctl-layers-", dir="/var/tmp") as layers:
+        binds = [Bind(images, STORE_IN_HOST), Bind(Path(layers), f"{STATE_IN_HOST}/layers")]
+        with TestHost(binds=binds) as host:
+            host.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", CLIENT_KEY])
+            yield host
 
 
 @pytest.fixture(scope="module")
 def host(image_cache: Path) -> Iterator[TestHost]:
-    with TestHost(binds=[Bind(image_cache, STORE_IN_HOST)]) as h:
-        h.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", CLIENT_KEY])
+    with booted_host(image_cache) as h:
         yield h
 
 
@@ -72,6 +92,3 @@ def ssh(host: TestHost, port: int, command: str, *, check: bool = True) -> Compl
         check=check,
         timeout=120,
     )
-
-
-from subprocess import CompletedProcess  # noqa: E402  (for the annotations above)

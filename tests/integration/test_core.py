@@ -42,21 +42,32 @@ def leftovers(host: TestHost, name: str) -> list[str]:
         f"/etc/systemd/system/nspawnctl-{name}.socket",
         f"/etc/systemd/system/systemd-nspawn@{name}.service.d",
         f"/etc/systemd/nspawn/{name}.nspawn",
+        f"/etc/systemd/system/var-lib-machines-{name}.mount",
+        f"/var/lib/nspawnctl/layers/{name}",
     ]
     found = host.run(
         [
             "sh",
             "-c",
             'for p; do [ -e "$p" ] && echo "$p"; done; '
-            'ls -a /var/lib/machines | grep -F ".$0." || true',
+            'ls -a /var/lib/machines /var/lib/nspawnctl/layers | grep -F ".$0." || true',
             name,
             *paths,
         ]
     ).stdout
     loaded = host.run(
-        ["systemctl", "list-units", "--all", "--no-legend", "--plain", f"nspawnctl-{name}.socket"]
+        [
+            "systemctl",
+            "list-units",
+            "--all",
+            "--no-legend",
+            "--plain",
+            f"nspawnctl-{name}.socket",
+            f"systemd-nspawn@{name}.service",
+            f"var-lib-machines-{name}.mount",
+        ]
     ).stdout.strip()
-    return found.split() + ([loaded] if loaded else [])
+    return found.split() + loaded.splitlines()
 
 
 @pytest.fixture(scope="module")

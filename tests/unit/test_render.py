@@ -20,15 +20,16 @@ def unit(text: str) -> configparser.RawConfigParser:
     return parser
 
 
-@pytest.fixture
-def rendering(pubkey: Path) -> Rendering:
-    data = {
-        "hostname": "www",
-        "ssh": {"listen": "127.0.0.1:2200", "authorized_keys": [str(pubkey)]},
-    }
-    config = parse_config("web", data, Path("/etc/nspawnctl/web.yaml"))
+def render_web(pubkey: Path) -> Rendering:
+    ssh = {"listen": "127.0.0.1:2200", "authorized_keys": [str(pubkey)]}
+    config = parse_config("web", {"hostname": "www", "ssh": ssh}, Path("/etc/nspawnctl/web.yaml"))
     state = MachineState(MACHINE_ID, Path("/var/lib/nspawnctl/images/debian-x/v3"))
     return render(config, Paths.from_env({}), state)
+
+
+@pytest.fixture
+def rendering(pubkey: Path) -> Rendering:
+    return render_web(pubkey)
 
 
 def files(r: Rendering) -> dict[str, str]:
