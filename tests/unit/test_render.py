@@ -58,7 +58,8 @@ def test_guest_identity_and_access(rendering: Rendering, pubkey: Path) -> None:
     assert pubkey.read_text().strip() in out[f"{root}/root/.ssh/authorized_keys"].splitlines()
     assert "PasswordAuthentication no" in out[f"{root}/etc/ssh/sshd_config.d/nspawnctl.conf"]
     # An empty unit file is a masked unit: the image's own sshd must not start.
-    assert out[f"{root}/etc/systemd/system/ssh.service"] == ""
+    assert out[f"{root}/etc/systemd/system/ssh.service"] == ""  # Debian's name
+    assert out[f"{root}/etc/systemd/system/sshd.service"] == ""  # Fedora's
     service = unit(out[f"{root}/etc/systemd/system/sshd@.service"])
     assert service["Service"]["RuntimeDirectory"] == "sshd"
     modes = {str(f.path): f.mode for f in rendering.guest}
