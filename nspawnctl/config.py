@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,18 +19,25 @@ from nspawnctl.recipe import Recipe, parse_image, with_bootstrap
 
 # Keys of DESIGN.md that a later version will understand. Until then they are
 # errors like any unknown key, but with an honest message instead of "did you mean".
-PLANNED_KEYS = frozenset({"sockets", "network", "resources", "idle_timeout", "binds", "security"})
+PLANNED_KEYS = frozenset({"resources", "idle_timeout", "binds", "security"})
 
 # The keys of each section; the whole schema at a glance.
-_TOP_KEYS = ("image", "bootstrap", "hostname", "ssh")
+_TOP_KEYS = ("image", "bootstrap", "hostname", "ssh", "sockets", "network")
 _BOOTSTRAP_KEYS = ("method", "mirror", "packages", "source")
 _SSH_KEYS = ("listen", "authorized_keys")
+_SOCKET_KEYS = ("listen", "protocol", "to", "service", "native")
+_NETWORK_KEYS = ("mode", "address")
 KNOWN_KEYS = (
     "image",
     *(f"bootstrap.{key}" for key in _BOOTSTRAP_KEYS),
     "hostname",
     *(f"ssh.{key}" for key in _SSH_KEYS),
+    *(f"sockets[].{key}" for key in _SOCKET_KEYS),
+    *(f"network.{key}" for key in _NETWORK_KEYS),
 )
+NETWORK_MODES = ("private", "host", "veth", "zone", "bridge")
+_UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket)$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,12}$")
 
 KEY_TYPES = (
     "ssh-ed25519",
@@ -53,16 +61,49 @@ class SshConfig:
 
 
 @dataclass(frozen=True)
+class SocketConfig:
+    """A host socket for a guest service: proxied to a port (`to` + `service`), or taken
+    over by a socket unit of the guest's own (`native`)."""
+
+    listen: Listen
+    to: int | None = None
+    service: str | None = None
+    native: str | None = None
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    mode: str = "private"  # one of NETWORK_MODES
+    name: str | None = None  # the zone or bridge
+    address: ipaddress.IPv4Interface | None = None  # static, for veth, zone and bridge
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Interface | None:
+        """The host side's address on the container's link: the first of its subnet."""
+        if self.address is None or self.mode == "bridge":
+            return None
+        first = next(self.address.network.hosts())
+        return ipaddress.IPv4Interface(f"{first}/{self.address.network.prefixlen}")
+
+    def __str__(self) -> str:
+        return f"{self.mode}:{self.name}" if self.name else self.mode
+
+
+@dataclass(frozen=True)
 class ContainerConfig:
     name: str
     source: Path  # the YAML file it came from; named in every generated unit
     image: Recipe  # what the container's image is built from
     hostname: str
     ssh: SshConfig
+    sockets: tuple[SocketConfig, ...] = ()
+    network: NetworkConfig = NetworkConfig()
 
     def listens(self) -> Iterator[tuple[str, Listen]]:
         """Every host address this container listens on, with the key that set it."""
         yield "ssh.listen", self.ssh.listen
+        for index, socket in enumerate(self.sockets):
+            yield f"sockets[{index}].listen", socket.listen
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -199,7 +240,161 @@ def parse_config(name: str, data: Mapping[Any, Any], file: Path) -> ContainerCon
     except ValueError as err:
         top.fail("hostname", f"{hostname!r}: {err}")
     ssh = _parse_ssh(top.section("ssh", _SSH_KEYS, required=True))
-    return ContainerConfig(name=name, source=file, image=image, hostname=hostname, ssh=ssh)
+    sockets = _parse_sockets(top)
+    network = _parse_network(top, name)
+    config = ContainerConfig(
+        name=name,
+        source=file,
+        image=image,
+        hostname=hostname,
+        ssh=ssh,
+        sockets=sockets,
+        network=network,
+    )
+    _check_own_listens(config)
+    return config
+
+
+def _parse_sockets(top: _Section) -> tuple[SocketConfig, ...]:
+    items = top.take("sockets", list) or []
+    sockets = []
+    for index, item in enumerate(items):
+        key = f"sockets[{index}]"
+        if not isinstance(item, dict):
+            top.fail(
+                key,
+                f"{item!r} is a {_type_name(item)}, expected a mapping",
+                hint="e.g. {listen: 8080, to: 80, service: nginx.service}",
+            )
+        section = _Section(top.file, key, item, _SOCKET_KEYS)
+        protocol = section.take("protocol", str) or "tcp"
+        if protocol not in ("tcp", "udp"):
+            section.fail("protocol", f"{protocol!r} is not tcp or udp")
+        raw = section.take("listen", int, str, required=True)
+        try:
+            listen = Listen.parse(raw, protocol)
+        except ValueError as err:
+            section.fail("listen", f"{raw!r}: {err}", hint="a port or ADDRESS:PORT")
+        to, service = section.take("to", int), section.take("service", str)
+        native = section.take("native", str)
+        if native is not None:
+            if to is not None or service is not None:
+                section.fail(
+                    "native",
+                    "goes without `to` and `service`",
+                    hint="native: the guest's own socket unit takes the socket",
+                )
+            if not _UNIT_RE.match(native) or not native.endswith(".socket"):
+                section.fail(
+                    "native",
+                    f"{native!r} is not a socket unit name",
+                    hint="e.g. native: ssh.socket",
+                )
+        else:
+            if to is None or service is None:
+                section.fail(
+                    "to" if to is None else "service",
+                    "is required",
+                    hint="give `to: PORT` and `service: UNIT`, or `native: UNIT.socket`",
+                )
+            assert to is not None and service is not None
+            if not 1 <= to <= 65535:
+                section.fail("to", f"{to!r} is not a port (expected 1-65535)")
+            if not _UNIT_RE.match(service) or not service.endswith(".service"):
+                section.fail(
+                    "service",
+                    f"{service!r} is not a service unit name",
+                    hint="e.g. service: nginx.service",
+                )
+            if protocol == "udp":
+                section.fail(
+                    "protocol",
+                    "udp cannot be proxied (systemd-socket-proxyd forwards TCP)",
+                    hint="use native: for a UDP service",
+                )
+        sockets.append(SocketConfig(listen, to, service, native))
+    return tuple(sockets)
+
+
+def _parse_network(top: _Section, name: str) -> NetworkConfig:
+    raw = top.data.get("network", "private")
+    if isinstance(raw, str):
+        section = _Section(top.file, "network", {"mode": raw}, _NETWORK_KEYS)
+    else:
+        section = top.section("network", _NETWORK_KEYS)
+    value = section.take("mode", str) or "private"
+    mode, _sep, link = value.partition(":")
+    key = "mode" if isinstance(raw, dict) else ""
+    where = top.path("network") + (f".{key}" if key else "")
+    if mode not in NETWORK_MODES or (mode in ("zone", "bridge")) != bool(link):
+        raise ConfigError(
+            top.file,
+            where,
+            f"{value!r} is not a network mode",
+            hint="private, host, veth, zone:NAME or bridge:NAME",
+        )
+    if link and not _IFNAME_RE.match(link):
+        raise ConfigError(
+            top.file,
+            where,
+            f"{link!r} is not a {mode} name (at most 12 letters, digits, '-' or '_')",
+        )
+    address_text = section.take("address", str)
+    address = None
+    if address_text is not None:
+        if mode not in ("veth", "zone", "bridge"):
+            section.fail(
+                "address",
+                f"a static address needs its own link, not mode {mode!r}",
+                hint="mode: veth, zone:NAME or bridge:NAME",
+            )
+        if mode == "veth" and len(f"ve-{name}") > 15:
+            section.fail(
+                "address",
+                f"the host side of {name}'s veth would be longer than 15 characters",
+                hint="use a container name of at most 12 characters, or a zone",
+            )
+        try:
+            address = ipaddress.IPv4Interface(address_text)
+        except ValueError:
+            section.fail(
+                "address",
+                f"{address_text!r} is not an IPv4 address with a prefix",
+                hint="e.g. 10.0.5.2/24",
+            )
+        network = address.network
+        if (
+            "/" not in address_text
+            or network.prefixlen > 30
+            or address.ip in (network.network_address, network.broadcast_address)
+        ):
+            section.fail(
+                "address",
+                f"{address_text!r} needs a /PREFIX of at most 30 and a host address",
+                hint="e.g. 10.0.5.2/24",
+            )
+        gateway = NetworkConfig(mode, link or None, address).gateway
+        if gateway is not None and gateway.ip == address.ip:
+            section.fail(
+                "address",
+                f"{address.ip} is the host side's address of this link (the first of {network})",
+                hint=f"e.g. {network[2]}/{network.prefixlen}",
+            )
+    return NetworkConfig(mode, link or None, address)
+
+
+def _check_own_listens(config: ContainerConfig) -> None:
+    seen: list[tuple[str, Listen]] = []
+    for key, listen in config.listens():
+        for other_key, other in seen:
+            if listen.overlaps(other):
+                raise ConfigError(
+                    config.source,
+                    key,
+                    f"{listen} overlaps {other_key} ({other})",
+                    hint="every socket of a container needs its own port",
+                )
+        seen.append((key, listen))
 
 
 def _parse_image(top: _Section) -> Recipe:
@@ -305,7 +500,20 @@ def load_config(name: str, file: Path) -> ContainerConfig:
 
 
 def check_conflicts(config: ContainerConfig, others: Sequence[ContainerConfig]) -> None:
-    """Refuse a listen address that another container already uses."""
+    """Refuse a listen address or a static address that another container already uses."""
+    for other in others:
+        if (
+            other.name != config.name
+            and config.network.address
+            and (config.network.address.ip == (other.network.address and other.network.address.ip))
+        ):
+            raise ConfigError(
+                config.source,
+                "network.address",
+                f"{config.network.address.ip} is already the address of container "
+                f"'{other.name}' ({other.source})",
+                hint="choose another address",
+            )
     for key, listen in config.listens():
         for other in others:
             if other.name == config.name:

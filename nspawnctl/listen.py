@@ -14,14 +14,15 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 class Listen:
     port: int
     address: IPAddress | None = None  # None: every address, both families
+    protocol: str = "tcp"  # tcp or udp
 
     @classmethod
-    def parse(cls, value: int | str) -> Listen:
+    def parse(cls, value: int | str, protocol: str = "tcp") -> Listen:
         if isinstance(value, int):
-            return cls(_port(value))
+            return cls(_port(value), protocol=protocol)
         text = value.strip()
         if text.isdigit():
-            return cls(_port(int(text)))
+            return cls(_port(int(text)), protocol=protocol)
         host, sep, port_text = text.rpartition(":")
         if not sep or not port_text.isdigit():
             raise ValueError("is not a port or ADDRESS:PORT")
@@ -34,7 +35,7 @@ class Listen:
         except ipaddress.AddressValueError:
             hint = " (write IPv6 addresses in brackets: [::1]:2222)" if ":" in host else ""
             raise ValueError(f"{host!r} is not an IP address{hint}") from None
-        return cls(_port(int(port_text)), address)
+        return cls(_port(int(port_text)), address, protocol)
 
     def unit_value(self) -> str:
         """The value for ListenStream=, identical on the host and in the guest."""
@@ -44,12 +45,17 @@ class Listen:
             return f"[{self.address}]:{self.port}"
         return f"{self.address}:{self.port}"
 
+    @property
+    def directive(self) -> str:
+        """The socket unit setting that listens on it."""
+        return "ListenDatagram" if self.protocol == "udp" else "ListenStream"
+
     def yaml_value(self) -> int | str:
         return self.port if self.address is None else self.unit_value()
 
     def overlaps(self, other: Listen) -> bool:
         """Whether both could not be bound at once on one host."""
-        if self.port != other.port:
+        if self.port != other.port or self.protocol != other.protocol:
             return False
         if self.address is None or other.address is None:
             return True
@@ -62,7 +68,7 @@ class Listen:
         return False
 
     def __str__(self) -> str:
-        return self.unit_value()
+        return self.unit_value() + ("/udp" if self.protocol == "udp" else "")
 
 
 def _port(number: int) -> int:

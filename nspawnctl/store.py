@@ -195,10 +195,47 @@ def _copy_tree(source: Path, target: Path) -> None:
 
 
 def finish_rootfs(rootfs: Path, origin: str) -> None:
-    """What every image needs, whatever built it."""
+    """What every image needs, whatever built it. The tree is the guest's: nothing here
+    may follow a link in it, or an `etc -> /etc` would make us edit the host's files."""
+    refuse_host_symlinks(rootfs, origin)
     sanitize(rootfs)
     verify_rootfs(rootfs, origin)
     strip_identity(rootfs)
+
+
+# Every directory of an image that the store opens from the host.
+_VISITED_BY_HOST = (
+    "etc/ssh",
+    "var/lib/dbus",
+    "var/log/journal",
+    "var/cache/apt/archives",
+    "usr/lib/systemd",
+    "lib/systemd",
+    "dev",
+    "proc",
+    "sys",
+    "run",
+)
+
+
+def refuse_host_symlinks(rootfs: Path, origin: str) -> None:
+    """Refuse a tree where a symlink would lead the image store, working from the host,
+    out of the tree: the host resolves an absolute link to its own files."""
+    root = os.path.realpath(rootfs)
+    for path in _VISITED_BY_HOST:
+        parts = Path(path).parts
+        for depth in range(1, len(parts) + 1):
+            rel = os.path.join(*parts[:depth])
+            resolved = os.path.realpath(rootfs / rel)
+            if os.path.commonpath([root, resolved]) != root:
+                link = rootfs / rel
+                where = f" -> {os.readlink(link)}" if link.is_symlink() else ""
+                raise OperationError(
+                    f"{origin}: /{rel}{where} leads out of the root filesystem",
+                    hint="nspawnctl works on images from the host, where an absolute "
+                    "link means the host's own files; make the link relative "
+                    "(lib -> usr/lib, not lib -> /usr/lib)",
+                )
 
 
 def sanitize(rootfs: Path) -> None:
@@ -213,7 +250,7 @@ def sanitize(rootfs: Path) -> None:
                     shutil.rmtree(child)
                 else:
                     child.unlink()
-        elif not path.exists():
+        elif not os.path.lexists(path):
             path.mkdir(mode=0o755)
     device = stat.S_IFCHR, stat.S_IFBLK
     for directory, _dirs, files in os.walk(rootfs):
@@ -227,7 +264,7 @@ def verify_rootfs(rootfs: Path, origin: str) -> None:
     """A container boots with systemd and is reached through sshd: refuse a tree that
     has neither, with what is missing."""
     needs = {
-        "an /etc/os-release": ("etc/os-release", "usr/lib/os-release"),
+        "/etc/os-release": ("etc/os-release", "usr/lib/os-release"),
         "systemd (/usr/lib/systemd/systemd)": ("usr/lib/systemd/systemd", "lib/systemd/systemd"),
     }
     for what, candidates in needs.items():

@@ -45,8 +45,11 @@ def _disable(systemd: Systemd, name: str, paths: Paths) -> None:
 _VERBS: dict[str, tuple[Action, str, str]] = {
     "start": (_start, "boot a container now (waits until its boot has finished)", "started"),
     "stop": (_stop, "power a container off; its socket keeps listening", "stopped"),
-    "restart": (_restart, "power a container off and boot it again, on its image's newest "
-                "version", "restarted"),
+    "restart": (
+        _restart,
+        "power a container off and boot it again, on its image's newest version",
+        "restarted",
+    ),
     "enable": (_enable, "listen on the container's socket from the next boot on", "enabled"),
     "disable": (_disable, "do not listen on the socket at boot any more", "disabled"),
 }
