@@ -551,4 +551,18 @@ def dump_config(config: ContainerConfig) -> str:
         "listen": config.ssh.listen.yaml_value(),
         "authorized_keys": list(config.ssh.authorized_keys),
     }
+    if config.sockets:
+        data["sockets"] = [
+            {
+                "listen": s.listen.yaml_value(),
+                **({"protocol": s.listen.protocol} if s.listen.protocol != "tcp" else {}),
+                **({"native": s.native} if s.native else {"to": s.to, "service": s.service}),
+            }
+            for s in config.sockets
+        ]
+    if config.network != NetworkConfig():
+        network: dict[str, Any] = {"mode": str(config.network)}
+        if config.network.address:
+            network["address"] = str(config.network.address)
+        data["network"] = network
     return yaml.safe_dump(data, sort_keys=False, width=1000)

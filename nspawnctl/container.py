@@ -23,6 +23,7 @@ from nspawnctl.layers import Layer, mounted_lower
 from nspawnctl.log import log
 from nspawnctl.names import mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
+from nspawnctl.ports import check_host_ports, host_listeners
 from nspawnctl.render import MachineState, Rendering, host_targets, render
 from nspawnctl.run import run
 from nspawnctl.store import Image, ImageStore
@@ -89,6 +90,9 @@ def add(paths: Paths, config: ContainerConfig, config_text: str) -> None:
         )
     others, _broken = load_all(paths)
     check_conflicts(config, others)
+    check_host_ports(config, host_listeners())
+    if config.network.mode == "host":
+        log.warning("%s shares the host's network: its services bind the host's ports", name)
     for path in host_targets(paths, name).values():
         check_writable(path)
 
@@ -115,12 +119,26 @@ def add(paths: Paths, config: ContainerConfig, config_text: str) -> None:
             systemd.reload()
             undo.push("socket", lambda: _stop_and_forget(systemd, socket_unit(name)))
             systemd.start(socket_unit(name))
+        if config.network.gateway is not None:
+            _reload_networkd(systemd, config)
     log.info(
         "added %s: %s listens on %s; the container boots on the first connection",
         name,
         socket_unit(name),
         config.ssh.listen,
     )
+
+
+def _reload_networkd(systemd: Systemd, config: ContainerConfig) -> None:
+    """The host side of a static address is systemd-networkd's job."""
+    if systemd.states(["systemd-networkd.service"])["systemd-networkd.service"].active != "active":
+        log.warning(
+            "systemd-networkd does not run on this host: the host side of %s's link "
+            "will have no address (systemctl enable --now systemd-networkd)",
+            config.name,
+        )
+        return
+    run(["networkctl", "reload"])
 
 
 def create_layer(layer: Layer, rendering: Rendering, lower: Path, name: str) -> None:

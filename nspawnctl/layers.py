@@ -65,19 +65,25 @@ def disk_usage(path: Path) -> int:
     return total
 
 
-def mounted_lower(where: Path) -> Path | None:
-    """The image version an overlay mounted at `where` uses, or None if not mounted."""
+def overlay_lowers() -> dict[Path, Path]:
+    """Every overlay mount of this namespace: mount point -> its (first) lower directory."""
+    found = {}
     with open("/proc/self/mountinfo") as mountinfo:
         for line in mountinfo:
             fields = line.split()
-            mount_point = _unescape(fields[4])
             separator = fields.index("-")
-            if mount_point != str(where) or fields[separator + 1] != "overlay":
+            if fields[separator + 1] != "overlay":
                 continue
             for option in fields[separator + 3].split(","):
                 if option.startswith("lowerdir="):
-                    return Path(_unescape(option.removeprefix("lowerdir=")).split(":")[0])
-    return None
+                    lower = _unescape(option.removeprefix("lowerdir=")).split(":")[0]
+                    found[Path(_unescape(fields[4]))] = Path(lower)
+    return found
+
+
+def mounted_lower(where: Path) -> Path | None:
+    """The image version an overlay mounted at `where` uses, or None if not mounted."""
+    return overlay_lowers().get(where)
 
 
 def _unescape(text: str) -> str:

@@ -14,6 +14,7 @@ _LOCATIONS = (
     ("machines_dir", "NSPAWNCTL_MACHINES_DIR", "/var/lib/machines"),
     ("unit_dir", "NSPAWNCTL_UNIT_DIR", "/etc/systemd/system"),
     ("nspawn_dir", "NSPAWNCTL_NSPAWN_DIR", "/etc/systemd/nspawn"),
+    ("network_dir", "NSPAWNCTL_NETWORK_DIR", "/etc/systemd/network"),
     ("state_dir", "NSPAWNCTL_STATE_DIR", "/var/lib/nspawnctl"),
     ("journal_dir", "NSPAWNCTL_JOURNAL_DIR", "/var/log/journal"),
 )
@@ -25,6 +26,7 @@ class Paths:
     machines_dir: Path
     unit_dir: Path
     nspawn_dir: Path
+    network_dir: Path
     state_dir: Path
     journal_dir: Path
 

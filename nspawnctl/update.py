@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nspawnctl.bus import Systemd
-from nspawnctl.container import load_all, rendering_for, users_of
+from nspawnctl.container import rendering_for, users_of
 from nspawnctl.errors import UsageError
 from nspawnctl.install import write_atomic
-from nspawnctl.layers import Layer, mounted_lower
+from nspawnctl.layers import Layer, overlay_lowers
+from nspawnctl.names import mount_unit
 from nspawnctl.paths import Paths
 from nspawnctl.recipe import Recipe
 from nspawnctl.store import Image, ImageStore
@@ -52,25 +53,25 @@ def update_image(paths: Paths, image: Image, command: Sequence[str]) -> UpdateRe
     image = store.get(image.key)
     users = users_of(paths, image)
     # Each user's mount unit now names the new version; it takes effect at the next
-    # mount, i.e. the container's next start. A running container is not touched.
+    # mount, i.e. the container's next start. A running container is not touched. Only
+    # the mount unit: the rest must stay as installed, matching the guest's own files.
     with Systemd.connect() as systemd:
         for config in users:
+            mount = paths.unit_dir / mount_unit(paths.machine_dir(config.name))
             for file in rendering_for(paths, config, image).host:
-                path = Path(file.path)
-                if not path.exists() or path.read_text() != file.text:
-                    write_atomic(path, file.text, file.mode)
+                if Path(file.path) == mount:
+                    write_atomic(mount, file.text, file.mode)
         systemd.reload()
-    mounted = {c.name: mounted_lower(paths.machine_dir(c.name)) for c in load_all(paths)[0]}
+    lowers = overlay_lowers()
     restart = sorted(
-        name
-        for name in mounted
-        if name in {c.name for c in users} and mounted[name] not in (None, new)
+        c.name for c in users if lowers.get(paths.machine_dir(c.name)) not in (None, new)
     )
     own = {str(f.path) for c in users[:1] for f in rendering_for(paths, c, image).guest}
     conflicts = {
         c.name: changed_in_both(Layer.of(paths, c.name).upper, old, new, own) for c in users
     }
-    in_use = {lower for lower in mounted.values() if lower is not None}
+    # Every mounted version, whoever mounted it (even a container whose YAML is broken).
+    in_use = set(lowers.values())
     return UpdateReport(
         old, new, restart, {k: v for k, v in conflicts.items() if v}, store.collect(image, in_use)
     )

@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             metavar="FILE",
             help="the container's YAML (default: CONFIG_DIR/NAME.yaml)",
         )
-        p.add_argument("--image", metavar="IMAGE", help="distro:release, e.g. debian:bookworm")
+        p.add_argument(
+            "--image", metavar="IMAGE", help="distro:release (debian:bookworm) or template:NAME"
+        )
         p.add_argument("--ssh", metavar="PORT", help="host port or ADDRESS:PORT for SSH")
         p.add_argument(
             "--key",

@@ -182,6 +182,11 @@ def run_import(args: argparse.Namespace, paths: Paths) -> int:
     source: Path = args.file.absolute()
     if not source.exists():
         raise OperationError(f"{source}: no such file or directory")
+    if _store(paths).find(recipe) is not None:
+        raise UsageError(
+            f"image {recipe.image} exists already",
+            hint=f"`nspawnctl image remove {recipe.image}` first, or another NAME",
+        )
     method = "directory" if source.is_dir() else "tar"
     image = _store(paths).ensure(Recipe(method=method, name=recipe.name, source=str(source)))
     print(image.path)

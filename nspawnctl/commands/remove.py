@@ -8,13 +8,13 @@ from nspawnctl.paths import Paths
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    help_text = "stop a container and delete its units, tree and configuration"
+    help_text = "stop a container and delete its units, layer and configuration"
     p = sub.add_parser("remove", help=help_text, description=help_text)
     p.add_argument("name", metavar="NAME", type=machine_name)
     p.add_argument(
         "--keep-rootfs",
         action="store_true",
-        help="keep the container's tree in the machines directory",
+        help="keep the container's own layer (its files) in the state directory",
     )
     p.set_defaults(handler=run)
 

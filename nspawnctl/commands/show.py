@@ -61,6 +61,7 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
             "socket": _socket_state(states[socket_unit(c.name)]),
             "container": _container_state(states[service_unit(c.name)]),
             "listen": [str(listen) for _key, listen in c.listens()],
+            "address": str(c.network.address.ip) if c.network.address else None,
             "image": c.image.image,
         }
         for c in configs
@@ -68,13 +69,14 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 1 if errors else 0
-    table = [["NAME", "SOCKET", "CONTAINER", "LISTEN", "IMAGE"]]
+    table = [["NAME", "SOCKET", "CONTAINER", "LISTEN", "ADDRESS", "IMAGE"]]
     table += [
         [
             str(r["name"]),
             str(r["socket"]),
             str(r["container"]),
             ",".join(r["listen"]),
+            str(r["address"] or "-"),
             str(r["image"]),
         ]
         for r in rows
@@ -104,6 +106,8 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
         "config": str(paths.config_file(name)),
         "image": config.image.image if config else None,
         "listen": [str(listen) for _key, listen in config.listens()] if config else [],
+        "network": str(config.network) if config else None,
+        "address": str(config.network.address) if config and config.network.address else None,
         "socket": {"unit": socket, "state": _socket_state(states[socket]), "enabled": enabled},
         "container": {"unit": service, "state": _container_state(states[service])},
         "machine": {"leader": machine.leader, "state": machine.state} if machine else None,
@@ -141,6 +145,10 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
         ("config", info["config"]),
         ("image", info["image"] or "?"),
         ("listen", ", ".join(info["listen"]) or "-"),
+        (
+            "network",
+            f"{info['network']}" + (f", address {info['address']}" if info["address"] else ""),
+        ),
         (
             "socket",
             f"{info['socket']['unit']}: {info['socket']['state']}, {info['socket']['enabled']}",

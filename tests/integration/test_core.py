@@ -200,8 +200,18 @@ def test_bad_yaml_file_exits_2(host: TestHost, web: str) -> None:
 
 
 def test_failed_socket_start_undoes_everything(host: TestHost, web: str) -> None:
-    """A port held by a program that is not a container: the socket cannot bind, and
-    `add` takes back the tree, the units and the config it had written."""
+    """The socket fails only when systemd binds it (here: an address this host does not
+    have), after the layer, the units and the config were written: `add` takes all of
+    them back."""
+    result = nspawnctl(
+        host, "add", "busy", "--ssh", "10.9.9.9:2301", "--key", f"{CLIENT_KEY}.pub", check=False
+    )
+    assert result.returncode == 1
+    assert "nspawnctl-busy.socket" in result.stderr
+    assert leftovers(host, "busy") == []
+
+
+def test_port_held_on_the_host_is_refused_before_anything_is_written(host: TestHost) -> None:
     host.run(
         [
             "systemd-run",
@@ -219,8 +229,8 @@ def test_failed_socket_start_undoes_everything(host: TestHost, web: str) -> None
         host, "add", "busy", "--ssh", "2301", "--key", f"{CLIENT_KEY}.pub", check=False
     )
     host.run(["systemctl", "stop", "squatter"])
-    assert result.returncode == 1
-    assert "nspawnctl-busy.socket" in result.stderr
+    assert result.returncode == 2
+    assert "port 2301/tcp is already in use on the host by python3" in result.stderr
     assert leftovers(host, "busy") == []
 
 

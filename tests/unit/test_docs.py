@@ -244,7 +244,9 @@ def test_every_key_has_an_entry(key: str) -> None:
 def test_no_entry_for_a_key_that_does_not_exist() -> None:
     known = set(config.KNOWN_KEYS)
     # A mapping (`ssh`) has an entry of its own besides its keys (`ssh.listen`).
+    # So has a list of mappings (`sockets` for `sockets[].listen`).
     sections_ = {k.rpartition(".")[0] for k in known if "." in k}
+    sections_ |= {k.removesuffix("[]") for k in sections_}
     documented = set(entries_by_first_word(PAGE_5, "KEYS"))
     assert documented <= known | sections_, f"stale: {sorted(documented - known - sections_)}"
 
@@ -261,11 +263,17 @@ def test_every_public_key_type_is_listed(key_type: str) -> None:
     assert mentions(text, key_type), f"nspawnctl.yaml.5: key type {key_type} is not listed"
 
 
-def _full_example() -> str:
+def _full_examples() -> list[str]:
+    """Every file between the BEGIN/END FULL EXAMPLE comments. No one valid file can
+    have every key (`bootstrap.source` is only for templates, which take no `mirror`
+    or `packages`), so together they must."""
     lines = PAGE_5.read_text(encoding="utf-8").splitlines()
-    start = lines.index('.\\" BEGIN FULL EXAMPLE (tests/unit/test_docs.py parses it)')
-    end = lines.index('.\\" END FULL EXAMPLE')
-    return "".join(f"{plain(line)}\n" for line in lines[start + 1 : end])
+    begin = '.\\" BEGIN FULL EXAMPLE (tests/unit/test_docs.py parses it)'
+    examples = []
+    for start in (i for i, line in enumerate(lines) if line == begin):
+        end = lines.index('.\\" END FULL EXAMPLE', start)
+        examples.append("".join(f"{plain(line)}\n" for line in lines[start + 1 : end]))
+    return examples
 
 
 def _key_paths(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
@@ -273,20 +281,31 @@ def _key_paths(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
         path = f"{prefix}{key}"
         if isinstance(value, Mapping):
             yield from _key_paths(value, f"{path}.")
+        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            # A list of mappings (`sockets`): its keys are KNOWN_KEYS' `sockets[].listen`.
+            for item in value:
+                yield from _key_paths(item, f"{path}[].")
         else:
             yield path
 
 
-def test_the_full_example_is_valid_and_has_every_key(tmp_path: Path) -> None:
+def test_the_full_examples_are_valid_and_have_every_key(tmp_path: Path) -> None:
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys/alice.pub").write_text(
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHRoaXNpc2FsaWNlc2tleQ alice@laptop\n"
     )
     file = tmp_path / "web.yaml"
-    data = config.load_yaml(_full_example(), file)
-    parsed = config.parse_config("web", data, file)
-    assert sorted(_key_paths(data)) == sorted(config.KNOWN_KEYS)
-    assert len(parsed.ssh.authorized_keys) == 2
+    examples = _full_examples()
+    assert examples, "nspawnctl.yaml.5: no FULL EXAMPLE"
+    found: set[str] = set()
+    for text in examples:
+        data = config.load_yaml(text, file)
+        config.parse_config("web", data, file)
+        found.update(_key_paths(data))
+    assert sorted(found) == sorted(config.KNOWN_KEYS)
+    # The first one has a key file relative to the YAML file and a key line.
+    first = config.parse_config("web", config.load_yaml(examples[0], file), file)
+    assert len(first.ssh.authorized_keys) == 2
 
 
 # --- rendering ----------------------------------------------------------------------
