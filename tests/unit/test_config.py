@@ -182,3 +182,94 @@ def test_dump_round_trips(pubkey: Path) -> None:
     config = parse_config("web", good(pubkey, hostname="www"), FILE)
     again: ContainerConfig = parse_config("web", load_yaml(dump_config(config), FILE), FILE)
     assert again == config
+
+
+def sockets_of(pubkey: Path, sockets: Any, network: Any = "private") -> Any:
+    return parse_config("web", good(pubkey, sockets=sockets, network=network), FILE)
+
+
+def test_sockets_and_network_parse(pubkey: Path) -> None:
+    config = sockets_of(
+        pubkey,
+        [
+            {"listen": 8080, "to": 80, "service": "nginx.service"},
+            {"listen": "127.0.0.1:5353", "protocol": "udp", "native": "dns.socket"},
+        ],
+        {"mode": "veth", "address": "10.7.0.2/24"},
+    )
+    assert [str(listen) for _key, listen in config.listens()] == [
+        "2222",
+        "8080",
+        "127.0.0.1:5353/udp",
+    ]
+    assert str(config.network.gateway) == "10.7.0.1/24"
+    assert str(config.network) == "veth"
+    again = parse_config("web", load_yaml(dump_config(config), FILE), FILE)
+    assert again == config
+
+
+@pytest.mark.parametrize(
+    ("sockets", "key", "problem"),
+    [
+        ([{"listen": 8080}], "sockets[0].to", "is required"),
+        ([{"listen": 8080, "to": 80}], "sockets[0].service", "is required"),
+        ([{"listen": 8080, "to": 80, "service": "nginx"}], "sockets[0].service", "not a service"),
+        ([{"listen": 8080, "native": "x.socket", "to": 1}], "sockets[0].native", "without"),
+        ([{"listen": 8080, "native": "x.service"}], "sockets[0].native", "not a socket unit"),
+        (
+            [{"listen": 53, "protocol": "udp", "to": 53, "service": "d.service"}],
+            "sockets[0].protocol",
+            "cannot be proxied",
+        ),
+        (
+            [{"listen": 8080, "protocol": "sctp", "native": "x.socket"}],
+            "sockets[0].protocol",
+            "not tcp or udp",
+        ),
+        ([{"listen": 2222, "native": "x.socket"}], "sockets[0].listen", "overlaps ssh.listen"),
+        ([{"listen": 8080, "to": 70000, "service": "a.service"}], "sockets[0].to", "not a port"),
+        (["8080"], "sockets[0]", "expected a mapping"),
+        ([{"listen": 8080, "native": "x.socket", "lisen": 1}], "sockets[0].lisen", "unknown"),
+    ],
+)
+def test_bad_sockets(pubkey: Path, sockets: Any, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        sockets_of(pubkey, sockets)
+    assert (info.value.key, problem in info.value.message) == (key, True), info.value.message
+
+
+@pytest.mark.parametrize(
+    ("network", "key", "problem"),
+    [
+        ("wifi", "network", "not a network mode"),
+        ("zone", "network", "not a network mode"),
+        ("bridge:" + "b" * 13, "network", "not a bridge name"),
+        ({"mode": "private", "address": "10.0.0.2/24"}, "network.address", "needs its own link"),
+        ({"mode": "veth", "address": "10.0.0.2"}, "network.address", "/PREFIX"),
+        ({"mode": "veth", "address": "10.0.0.0/24"}, "network.address", "host address"),
+        ({"mode": "veth", "address": "10.0.0.1/24"}, "network.address", "host side"),
+        ({"mode": "veth", "address": "fe80::1/64"}, "network.address", "IPv4"),
+        ({"mode": "veth", "address": "10.0.0.2/24", "gw": 1}, "network.gw", "unknown key"),
+    ],
+)
+def test_bad_network(pubkey: Path, network: Any, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        sockets_of(pubkey, [], network)
+    assert (info.value.key, problem in info.value.message) == (key, True), info.value.message
+
+
+def test_long_name_cannot_have_a_veth_address(pubkey: Path) -> None:
+    with pytest.raises(ConfigError, match="longer than 15"):
+        parse_config(
+            "averylongname1", good(pubkey, network={"mode": "veth", "address": "10.0.0.2/24"}), FILE
+        )
+
+
+def test_address_used_by_another_container(pubkey: Path) -> None:
+    net = {"mode": "zone:apps", "address": "10.0.0.2/24"}
+    a = parse_config("a", good(pubkey, network=net), FILE)
+    b = parse_config(
+        "b", good(pubkey, network=net, ssh={"listen": 2200, "authorized_keys": [str(pubkey)]}), FILE
+    )
+    with pytest.raises(ConfigError, match="already the address of container 'a'"):
+        check_conflicts(b, [a])

@@ -96,3 +96,41 @@ def test_rendering_is_pure(rendering: Rendering, pubkey: Path) -> None:
 
 def test_systemd_accepts_the_host_units(rendering: Rendering) -> None:
     verify_units(rendering.host, ["nspawnctl-web.socket", "systemd-nspawn@web.service"])
+
+
+def test_sockets_render_host_and_guest_from_one_value(pubkey: Path) -> None:
+    data = {
+        "ssh": {"listen": 2222, "authorized_keys": [str(pubkey)]},
+        "sockets": [
+            {"listen": "[::1]:8080", "to": 80, "service": "nginx.service"},
+            {"listen": 5353, "protocol": "udp", "native": "dns.socket"},
+        ],
+        "network": {"mode": "zone:apps", "address": "10.8.0.5/24"},
+    }
+    config = parse_config("web", data, Path("/etc/nspawnctl/web.yaml"))
+    r = render(config, Paths.from_env({}), MachineState(MACHINE_ID, Path("/i/v1")))
+    out = files(r)
+    root = "/var/lib/machines/web"
+    host = out["/etc/systemd/system/nspawnctl-web.socket"]
+    assert "ListenStream=2222\nListenStream=[::1]:8080\nListenDatagram=5353\n" in host
+    proxy = unit(out[f"{root}/etc/systemd/system/nspawnctl-proxy-0.socket"])
+    assert proxy["Socket"]["ListenStream"] == "[::1]:8080"
+    service = unit(out[f"{root}/etc/systemd/system/nspawnctl-proxy-0.service"])
+    assert service["Unit"]["Requires"] == "nginx.service"
+    assert service["Service"]["ExecStart"].endswith("systemd-socket-proxyd 127.0.0.1:80")
+    native = out[f"{root}/etc/systemd/system/dns.socket.d/nspawnctl.conf"]
+    assert "ListenStream=\nListenDatagram=5353\n" in native
+    wants = out[f"{root}/etc/systemd/system/sockets.target.d/nspawnctl.conf"]
+    assert "Wants=nspawnctl-proxy-0.socket" in wants and "Wants=dns.socket" in wants
+    assert "Zone=apps" in out["/etc/systemd/nspawn/web.nspawn"]
+    assert unit(out["/etc/systemd/network/50-nspawnctl-web.network"])["Match"]["Name"] == "vz-apps"
+    guest_net = unit(out[f"{root}/etc/systemd/network/50-nspawnctl.network"])
+    assert (guest_net["Network"]["Address"], guest_net["Network"]["Gateway"]) == (
+        "10.8.0.5/24",
+        "10.8.0.1",
+    )
+
+
+def test_private_container_gets_no_network_files(rendering: Rendering) -> None:
+    paths = {str(f.path) for f in rendering.host} | {str(f.path) for f in rendering.guest}
+    assert not any("network" in p for p in paths)
