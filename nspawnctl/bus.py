@@ -48,12 +48,12 @@ class Machine:
     unit: str
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _bus_error(err: DBusBaseError, doing: str) -> OperationError:
-    message = _text(err.err_message) or str(err)
+    message = text(err.err_message) or str(err)
     hint = None
     if "AccessDenied" in type(err).__name__ or "denied" in message.lower():
         hint = "nspawnctl changes the host's systemd: run it as root"
@@ -76,7 +76,7 @@ class Systemd:
             bus.open()
         except DBusBaseError as err:
             raise OperationError(
-                f"cannot connect to systemd's system bus: {_text(err.err_message) or err}",
+                f"cannot connect to systemd's system bus: {text(err.err_message) or err}",
                 hint="nspawnctl needs a host booted with systemd (see README.md for a test host)",
             ) from None
         try:
@@ -120,7 +120,7 @@ class Systemd:
         def on_job_removed(msg: DbusMessage, error: Any = None, userdata: Any = None) -> None:
             msg.process_reply(True)
             _id, job, _unit, result = msg.body
-            finished[job] = _text(result)
+            finished[job] = text(result)
 
         # pystemd keeps only a raw pointer to the callback: without this reference it is
         # garbage-collected and the next signal calls freed memory.
@@ -139,7 +139,7 @@ class Systemd:
                 break
             left = deadline - time.monotonic()
             if left <= 0:
-                raise OperationError(f"systemd job {_text(job)} did not finish in {timeout:.0f} s")
+                raise OperationError(f"systemd job {text(job)} did not finish in {timeout:.0f} s")
             select.select([self.bus.get_fd()], [], [], left)
         return self._finished.pop(job)
 
@@ -186,7 +186,7 @@ class Systemd:
 
     def unit_file_state(self, unit: str) -> str:
         try:
-            return _text(self._manager(b"GetUnitFileState", b"s", unit.encode(), doing=unit))
+            return text(self._manager(b"GetUnitFileState", b"s", unit.encode(), doing=unit))
         except OperationError:
             return "not-found"
 
@@ -199,7 +199,7 @@ class Systemd:
         rows = self._manager(
             b"ListUnitsByNames", b"as", [u.encode() for u in units], doing="listing units"
         )
-        states = [UnitState(_text(r[0]), _text(r[2]), _text(r[3]), _text(r[4])) for r in rows]
+        states = [UnitState(text(r[0]), text(r[2]), text(r[3]), text(r[4])) for r in rows]
         return {s.name: s for s in states}
 
     def unit_property(self, unit: str, name: str, signature: str) -> Any:
@@ -232,8 +232,8 @@ class Systemd:
             return Machine(
                 name,
                 int(prop(b"Leader", b"u")),
-                _text(prop(b"State", b"s")),
-                _text(prop(b"Unit", b"s")),
+                text(prop(b"State", b"s")),
+                text(prop(b"Unit", b"s")),
             )
         except DBusBaseError:
             return None  # it went away between the two calls

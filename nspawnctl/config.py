@@ -19,10 +19,19 @@ from nspawnctl.recipe import Recipe, parse_image, with_bootstrap
 
 # Keys of DESIGN.md that a later version will understand. Until then they are
 # errors like any unknown key, but with an honest message instead of "did you mean".
-PLANNED_KEYS = frozenset({"resources", "idle_timeout", "binds", "security"})
+PLANNED_KEYS = frozenset({"resources", "binds", "security"})
 
 # The keys of each section; the whole schema at a glance.
-_TOP_KEYS = ("image", "bootstrap", "hostname", "ssh", "sockets", "network")
+_TOP_KEYS = (
+    "image",
+    "bootstrap",
+    "hostname",
+    "ssh",
+    "sockets",
+    "network",
+    "idle_timeout",
+    "keep_awake",
+)
 _BOOTSTRAP_KEYS = ("method", "mirror", "packages", "source")
 _SSH_KEYS = ("listen", "authorized_keys")
 _SOCKET_KEYS = ("listen", "protocol", "to", "service", "native")
@@ -34,7 +43,12 @@ KNOWN_KEYS = (
     *(f"ssh.{key}" for key in _SSH_KEYS),
     *(f"sockets[].{key}" for key in _SOCKET_KEYS),
     *(f"network.{key}" for key in _NETWORK_KEYS),
+    "idle_timeout",
+    "keep_awake",
 )
+# systemd time spans as the YAML may give them: 90, "90s", "10min", "1h 30min".
+_SPAN_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
+_SPAN_RE = re.compile(r"(\d+)\s*(min|sec|hr|s|m|h|)\s*")
 NETWORK_MODES = ("private", "host", "veth", "zone", "bridge")
 _UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket)$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,12}$")
@@ -98,6 +112,8 @@ class ContainerConfig:
     ssh: SshConfig
     sockets: tuple[SocketConfig, ...] = ()
     network: NetworkConfig = NetworkConfig()
+    idle_timeout: int | None = None  # seconds; None: never powered off for being idle
+    keep_awake: tuple[str, ...] = ()  # guest units that count as activity while active
 
     def listens(self) -> Iterator[tuple[str, Listen]]:
         """Every host address this container listens on, with the key that set it."""
@@ -242,6 +258,21 @@ def parse_config(name: str, data: Mapping[Any, Any], file: Path) -> ContainerCon
     ssh = _parse_ssh(top.section("ssh", _SSH_KEYS, required=True))
     sockets = _parse_sockets(top)
     network = _parse_network(top, name)
+    idle_timeout = _parse_span(top, "idle_timeout")
+    keep_awake = top.take("keep_awake", list) or []
+    for index, unit in enumerate(keep_awake):
+        if not isinstance(unit, str) or not _UNIT_RE.match(unit):
+            top.fail(
+                f"keep_awake[{index}]",
+                f"{unit!r} is not a unit name",
+                hint="e.g. keep_awake: [backup.service]",
+            )
+    if keep_awake and idle_timeout is None:
+        top.fail(
+            "keep_awake",
+            "only means something with idle_timeout",
+            hint="add e.g. `idle_timeout: 10min`",
+        )
     config = ContainerConfig(
         name=name,
         source=file,
@@ -250,9 +281,33 @@ def parse_config(name: str, data: Mapping[Any, Any], file: Path) -> ContainerCon
         ssh=ssh,
         sockets=sockets,
         network=network,
+        idle_timeout=idle_timeout,
+        keep_awake=tuple(keep_awake),
     )
     _check_own_listens(config)
     return config
+
+
+def _parse_span(top: _Section, key: str) -> int | None:
+    value = top.take(key, int, str)
+    if value is None:
+        return None
+    text = str(value).strip()
+    seconds, end = 0, 0
+    for match in _SPAN_RE.finditer(text):
+        if match.start() != end:
+            break
+        seconds += int(match.group(1)) * _SPAN_UNITS[match.group(2)]
+        end = match.end()
+    if not text or end != len(text):
+        top.fail(key, f"{value!r} is not a time span", hint="e.g. 90, 30s, 10min, 1h 30min")
+    if not 10 <= seconds <= 7 * 86400:
+        top.fail(
+            key,
+            f"{value!r} is {seconds} s: expected 10 s to 7 days",
+            hint="an idle container is powered off after this long",
+        )
+    return seconds
 
 
 def _parse_sockets(top: _Section) -> tuple[SocketConfig, ...]:
@@ -560,6 +615,10 @@ def dump_config(config: ContainerConfig) -> str:
             }
             for s in config.sockets
         ]
+    if config.idle_timeout is not None:
+        data["idle_timeout"] = f"{config.idle_timeout}s"
+    if config.keep_awake:
+        data["keep_awake"] = list(config.keep_awake)
     if config.network != NetworkConfig():
         network: dict[str, Any] = {"mode": str(config.network)}
         if config.network.address:

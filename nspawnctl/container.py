@@ -200,10 +200,12 @@ def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
             hint=f"see `systemctl status {mount_unit(root)}`, then remove again",
         )
     mid = machine_id(paths, name)
-    if mid:  # systemd-nspawn --link-journal=try-guest left a link to the guest's journal
-        link = paths.journal_dir / mid
-        if link.is_symlink():
-            link.unlink()
+    if mid:  # the guest's journal, kept on the host by systemd-nspawn --link-journal=try-host
+        journal = paths.journal_dir / mid
+        if journal.is_symlink():
+            journal.unlink()
+        elif journal.is_dir():
+            remove_tree(journal)
     if not keep_rootfs:
         remove_tree(layer.path)
         with contextlib.suppress(FileNotFoundError, OSError):

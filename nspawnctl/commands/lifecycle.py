@@ -16,12 +16,27 @@ Action = Callable[[Systemd, str, Paths], None]
 
 
 def _start(systemd: Systemd, name: str, paths: Paths) -> None:
+    # A container systemd has given up on (a failed socket or mount) is tried afresh.
+    reset_failed(systemd, name, paths)
+    systemd.start(socket_unit(name))
     systemd.start(service_unit(name))
+
+
+def reset_failed(systemd: Systemd, name: str, paths: Paths) -> None:
+    units = [socket_unit(name), service_unit(name), mount_unit(paths.machine_dir(name))]
+    for unit, state in systemd.states(units).items():
+        if state.active == "failed":
+            systemd.reset_failed(unit)
 
 
 def _stop(systemd: Systemd, name: str, paths: Paths) -> None:
     # Only the container: its socket keeps listening, so the next connection boots it.
-    systemd.stop(service_unit(name))
+    service = service_unit(name)
+    if systemd.states([service])[service].active == "activating":
+        # systemd runs ExecStop= (which lets the guest hand accepted connections over
+        # cleanly) only for a service that finished starting: let the boot finish.
+        systemd.start(service)
+    systemd.stop(service)
 
 
 def _restart(systemd: Systemd, name: str, paths: Paths) -> None:

@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--all", action="store_true", help="every container merged with the host")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
     p.add_argument("-n", "--lines", type=int, metavar="N", help="show the last N entries")
+    p.add_argument("-o", "--output", metavar="FORMAT", help="journalctl's output format")
     p.set_defaults(handler=run)
 
 
@@ -26,10 +27,12 @@ def journal_argv(args: argparse.Namespace, paths: Paths) -> list[str]:
     if args.all == (args.name is not None):
         raise UsageError("give either NAME or --all")
     # --merge reads every journal below /var/log/journal, which includes each
-    # container's, linked there by systemd-nspawn --link-journal=try-guest.
+    # container's, kept there by systemd-nspawn --link-journal=try-host.
     argv = ["journalctl", "--merge", "--no-pager"]
     if args.follow:
         argv.append("--follow")
+    if args.output is not None:
+        argv.append(f"--output={args.output}")
     if args.lines is not None:
         argv.append(f"--lines={args.lines}")
     if args.name is not None:

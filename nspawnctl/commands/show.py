@@ -7,14 +7,14 @@ import json
 import time
 from typing import Any
 
-from nspawnctl.bus import Systemd, UnitState
+from nspawnctl.bus import Systemd, UnitState, text
 from nspawnctl.commands.lifecycle import require_installed
 from nspawnctl.config import ContainerConfig, load_config
 from nspawnctl.container import load_all
 from nspawnctl.errors import ConfigError
 from nspawnctl.layers import Layer, disk_usage, mounted_lower
 from nspawnctl.log import log
-from nspawnctl.names import machine_name, service_unit, socket_unit
+from nspawnctl.names import machine_name, mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.store import ImageStore
 
@@ -55,7 +55,7 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
         states = systemd.states(
             [u for c in configs for u in (socket_unit(c.name), service_unit(c.name))]
         )
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": c.name,
             "socket": _socket_state(states[socket_unit(c.name)]),
@@ -95,12 +95,18 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
         log.warning("%s", err.message)
     socket, service = socket_unit(name), service_unit(name)
     with Systemd.connect() as systemd:
-        states = systemd.states([socket, service])
+        states = systemd.states([socket, service, mount_unit(paths.machine_dir(name))])
         machine = systemd.machine(name)
         running = states[service].active == "active"
         memory = systemd.unit_property(service, "MemoryCurrent", "t") if running else _UNSET
         since = systemd.unit_property(service, "ActiveEnterTimestamp", "t") if running else 0
         enabled = systemd.unit_file_state(socket)
+        # Units systemd gave up on, with why: a failed socket no longer listens.
+        failed = {
+            unit: text(systemd.unit_property(unit, "Result", "s"))
+            for unit, state in states.items()
+            if state.active == "failed"
+        }
     return {
         "name": name,
         "config": str(paths.config_file(name)),
@@ -109,6 +115,7 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
         "network": str(config.network) if config else None,
         "address": str(config.network.address) if config and config.network.address else None,
         "socket": {"unit": socket, "state": _socket_state(states[socket]), "enabled": enabled},
+        "failed": failed,
         "container": {"unit": service, "state": _container_state(states[service])},
         "machine": {"leader": machine.leader, "state": machine.state} if machine else None,
         "memory_bytes": None if memory == _UNSET else int(memory),
@@ -171,6 +178,13 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
     print(args.name)
     for label, value in lines:
         print(f"  {label + ':':<11}{value}")
+    if info["failed"]:
+        why = ", ".join(f"{unit} ({result})" for unit, result in info["failed"].items())
+        print(f"  {'problem:':<11}systemd gave up on {why}")
+        print(
+            f"  {'':<11}try again: nspawnctl start {args.name}; "
+            f"why: journalctl -u {service_unit(args.name)}"
+        )
     return 0
 
 

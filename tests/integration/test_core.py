@@ -167,6 +167,11 @@ def test_logs_all_merges_guest_and_host(host: TestHost, web: str) -> None:
     assert guest and host_lines
     own = nspawnctl(host, "logs", web, "-n", "2000").stdout
     assert "hello-from-guest" in own
+    # Still there with the container stopped and its root unmounted.
+    nspawnctl(host, "stop", web)
+    wait_stopped(host, web)
+    assert "hello-from-guest" in nspawnctl(host, "logs", web, "-n", "2000").stdout
+    assert "hello-from-guest" in nspawnctl(host, "logs", "--all", "-n", "2000").stdout
 
 
 BAD_INPUTS = [

@@ -120,7 +120,7 @@ def test_sockets_render_host_and_guest_from_one_value(pubkey: Path) -> None:
     assert service["Service"]["ExecStart"].endswith("systemd-socket-proxyd 127.0.0.1:80")
     native = out[f"{root}/etc/systemd/system/dns.socket.d/nspawnctl.conf"]
     assert "ListenStream=\nListenDatagram=5353\n" in native
-    wants = out[f"{root}/etc/systemd/system/sockets.target.d/nspawnctl.conf"]
+    wants = out[f"{root}/etc/systemd/system/nspawnctl-sockets.target"]
     assert "Wants=nspawnctl-proxy-0.socket" in wants and "Wants=dns.socket" in wants
     assert "Zone=apps" in out["/etc/systemd/nspawn/web.nspawn"]
     assert unit(out["/etc/systemd/network/50-nspawnctl-web.network"])["Match"]["Name"] == "vz-apps"

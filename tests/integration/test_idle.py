@@ -1,0 +1,175 @@
+"""Scale to zero on real systemd: idle containers power themselves off and their
+sockets keep listening; nothing is powered off under a connection or a keep-awake
+unit; no connection is lost to a power-off; cycling never closes the port."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import CLIENT_KEY, booted_host, nspawnctl, ssh
+from tests.testhost import TestHost
+
+
+def yaml(port: int, idle: str, extra: str = "") -> str:
+    return (
+        f"ssh: {{listen: {port}, authorized_keys: [{CLIENT_KEY}.pub]}}\n"
+        f"idle_timeout: {idle}\n{extra}"
+    )
+
+
+@pytest.fixture(scope="module")
+def host(image_cache: Path) -> Iterator[TestHost]:
+    with booted_host(image_cache) as h:
+        yield h
+
+
+def add(host: TestHost, name: str, text: str) -> None:
+    host.write_file(f"/etc/nspawnctl/{name}.yaml", text)
+    nspawnctl(host, "add", name)
+
+
+def leader(host: TestHost, name: str) -> str | None:
+    out = host.run(["machinectl", "show", "--property=Leader", "--value", name], check=False)
+    return out.stdout.strip() or None
+
+
+def socket_listening(host: TestHost, name: str) -> bool:
+    out = host.run(["systemctl", "show", "-P", "SubState", f"nspawnctl-{name}.socket"])
+    return out.stdout.strip() == "listening"
+
+
+def test_idle_container_powers_off_and_comes_back(host: TestHost) -> None:
+    add(host, "idle1", yaml(2601, "20s"))
+    assert ssh(host, 2601, "hostname").stdout.strip() == "idle1"
+    host.wait_for(
+        lambda: leader(host, "idle1") is None,
+        timeout=60,
+        what="idle1 powered off after its last SSH session",
+    )
+    assert socket_listening(host, "idle1")
+    log = nspawnctl(host, "logs", "idle1", "-n", "500").stdout
+    assert "idle for 20 s: powering off" in log
+    assert ssh(host, 2601, "hostname").stdout.strip() == "idle1"
+
+
+def test_open_session_keeps_it_awake(host: TestHost) -> None:
+    add(host, "idle2", yaml(2602, "10s"))
+    # Longer than the idle timeout plus the checks' period: a power-off would cut it.
+    out = ssh(host, 2602, "sleep 25; echo still-here").stdout
+    assert out.strip() == "still-here"
+
+
+def test_keep_awake_unit_keeps_it_awake(host: TestHost) -> None:
+    add(host, "idle3", yaml(2603, "10s", "keep_awake: [batch.service]\n"))
+    ssh(host, 2603, "systemd-run --unit=batch sleep 25")
+    host.wait_for(
+        lambda: leader(host, "idle3") is None,
+        timeout=90,
+        what="idle3 powered off after its batch job",
+    )
+    log = nspawnctl(host, "logs", "idle3", "-o", "short-unix", "-n", "500").stdout
+    [done] = [ln for ln in log.splitlines() if "batch.service: Deactivated" in ln]
+    [off] = [ln for ln in log.splitlines() if "powering off" in ln]
+    assert float(off.split()[0]) >= float(done.split()[0]) + 10
+
+
+# Connects every PAUSE seconds for as long as it takes to see `cycles` power-offs; every
+# connection must get its SSH banner: a reset or a timeout counts as lost.
+CHURN = """
+import socket, subprocess, sys, time
+port, name, cycles, pause = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+leaders, lost, served, deadline = set(), [], 0, time.monotonic() + 240
+def leader():
+    r = subprocess.run(["machinectl", "show", "--property=Leader", "--value", name], capture_output=True, text=True)
+    return r.stdout.strip()
+while len(leaders) <= cycles and time.monotonic() < deadline:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.settimeout(30)
+            if not s.recv(64).startswith(b"SSH-2.0"):
+                lost.append("no banner")
+            else:
+                served += 1
+    except OSError as e:
+        lost.append(type(e).__name__)
+    if leader():
+        leaders.add(leader())
+    time.sleep(pause)
+print(len(leaders), served, " ".join(lost) or "none")
+"""
+
+
+def churn(host: TestHost, port: int, name: str, pause: float) -> tuple[int, str]:
+    out = host.run([sys.executable, "-c", CHURN, str(port), name, "3", str(pause)], timeout=300)
+    boots, served, lost = out.stdout.split(maxsplit=2)
+    print(f"{name}: {served} connections served across {boots} boots, lost: {lost.strip()}")
+    return int(boots), lost.strip()
+
+
+def test_no_connection_is_lost_to_idle_power_offs(host: TestHost) -> None:
+    add(host, "churn", yaml(2604, "10s"))
+    # A connection every 3 s: often enough to arrive while a power-off is under way,
+    # rarely enough that the 10 s idle timeout is reached between them.
+    boots, lost = churn(host, 2604, "churn", 3)
+    assert lost == "none"
+    assert boots >= 3, "expected at least 3 boots, i.e. 2 idle power-offs"
+
+
+def test_connections_during_a_stop_wait_for_the_next_boot(host: TestHost) -> None:
+    add(host, "stopper", yaml(2605, "1h"))
+    client = host.popen(
+        [sys.executable, "-c", CHURN, "2605", "stopper", "3", "0.05"], stdout=-1, stderr=-1
+    )
+    for _ in range(3):
+        host.wait_for(lambda: leader(host, "stopper") is not None, timeout=60, what="booted")
+        nspawnctl(host, "stop", "stopper")
+    out, err = client.communicate(timeout=300)
+    boots, _served, lost = out.split(maxsplit=2)
+    journal = host.run(
+        [
+            "sh",
+            "-c",
+            "journalctl -m --no-pager -o short-precise | grep -E "
+            "'sshd|quiesce|nspawn|stopper' | grep -vE 'modprobe|pam_' | tail -80",
+        ]
+    )
+    assert lost.strip() == "none", journal.stdout
+    assert int(boots) >= 3
+
+
+def test_cycling_never_closes_the_port(host: TestHost) -> None:
+    add(host, "cycle", yaml(2606, "1h"))
+    for _ in range(8):
+        assert ssh(host, 2606, "hostname").stdout.strip() == "cycle"
+        nspawnctl(host, "stop", "cycle")
+    assert socket_listening(host, "cycle")
+    assert ssh(host, 2606, "hostname").stdout.strip() == "cycle"
+
+
+def test_status_says_when_systemd_gave_up_and_start_recovers(host: TestHost) -> None:
+    add(host, "broken", yaml(2607, "1h"))
+    # Break its root: every boot now fails, and a pending connection retries until
+    # the socket's trigger limit makes systemd give up.
+    host.run(["mv", "/var/lib/nspawnctl/layers/broken/work", "/var/tmp/broken-work"])
+    host.run(
+        [
+            sys.executable,
+            "-c",
+            "import socket; s = socket.create_connection("
+            "('127.0.0.1', 2607)); s.settimeout(5); s.recv(1) if False else None",
+        ],
+        check=False,
+    )
+    host.wait_for(
+        lambda: not socket_listening(host, "broken"), timeout=60, what="systemd giving up on broken"
+    )
+    status = nspawnctl(host, "status", "broken").stdout
+    assert "systemd gave up on" in status and "nspawnctl start broken" in status
+    host.run(["mv", "/var/tmp/broken-work", "/var/lib/nspawnctl/layers/broken/work"])
+    nspawnctl(host, "start", "broken")
+    assert socket_listening(host, "broken") or leader(host, "broken")
+    assert ssh(host, 2607, "hostname").stdout.strip() == "broken"
