@@ -84,7 +84,8 @@ import socket, subprocess, sys, time
 port, name, cycles, pause = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 leaders, lost, served, deadline = set(), [], 0, time.monotonic() + 240
 def leader():
-    r = subprocess.run(["machinectl", "show", "--property=Leader", "--value", name], capture_output=True, text=True)
+    r = subprocess.run(["machinectl", "show", "--property=Leader", "--value", name],
+                       capture_output=True, text=True)
     return r.stdout.strip()
 while len(leaders) <= cycles and time.monotonic() < deadline:
     try:
@@ -127,7 +128,7 @@ def test_connections_during_a_stop_wait_for_the_next_boot(host: TestHost) -> Non
     for _ in range(3):
         host.wait_for(lambda: leader(host, "stopper") is not None, timeout=60, what="booted")
         nspawnctl(host, "stop", "stopper")
-    out, err = client.communicate(timeout=300)
+    out, _err = client.communicate(timeout=300)
     boots, _served, lost = out.split(maxsplit=2)
     journal = host.run(
         [
