@@ -127,8 +127,25 @@ def row(label: str, times: list[float]) -> str:
     )
 
 
+# The plain alternative for warm connections: the host's own sshd, one per
+# connection from a socket, as in the guest.
+HOST_SSHD = {
+    "/etc/systemd/system/hostsshd.socket": "[Socket]\nListenStream=2399\nAccept=yes\n",
+    "/etc/systemd/system/hostsshd@.service": (
+        "[Service]\nExecStart=-/usr/sbin/sshd -i\nStandardInput=socket\n"
+        "RuntimeDirectory=sshd\nRuntimeDirectoryPreserve=yes\n"
+    ),
+}
+
+
+def warm(host: TestHost, mode: str, port: int, runs: int) -> list[float]:
+    probe = [sys.executable, "-c", PROBE, mode, str(port), CLIENT_KEY]
+    host.run(probe)  # boots it if needed; not counted
+    return [float(host.run(probe).stdout) for _ in range(runs)]
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
     image = cached_image()
@@ -166,8 +183,32 @@ def main() -> int:
         ]
         stop_cold(host, "classic.service")
         results.append(("floor: systemd-nspawn /bin/true", floor(host, args.runs)))
+        results.append(("warm banner, nspawnctl", warm(host, "banner", 2222, args.runs)))
+        results.append(("warm command, nspawnctl", warm(host, "command", 2222, args.runs)))
+        if Path("/usr/sbin/sshd").exists():
+            for path, text in HOST_SSHD.items():
+                host.write_file(path, text)
+            host.run(
+                [
+                    "sh",
+                    "-c",
+                    f"cp {CLIENT_KEY}.pub /root/.ssh/authorized_keys && "
+                    "systemctl daemon-reload && systemctl start hostsshd.socket",
+                ]
+            )
+            results.append(
+                ("warm banner, the host's own sshd -i", warm(host, "banner", 2399, args.runs))
+            )
+            results.append(
+                ("warm command, the host's own sshd -i", warm(host, "command", 2399, args.runs))
+            )
+        else:
+            print(
+                "(no /usr/sbin/sshd on this machine: apt-get install openssh-server for the "
+                "warm baseline)"
+            )
     print(
-        f"# cold start, {args.runs} runs each, nested in a throw-away systemd host "
+        f"# cold and warm start, {args.runs} runs each, nested in a throw-away systemd host "
         f"({Path('/proc/cpuinfo').read_text().count('processor')} CPUs)"
     )
     for label, times in results:

@@ -312,7 +312,7 @@ def _parse_span(top: _Section, key: str) -> int | None:
 
 def _parse_sockets(top: _Section) -> tuple[SocketConfig, ...]:
     items = top.take("sockets", list) or []
-    sockets = []
+    sockets: list[SocketConfig] = []
     for index, item in enumerate(items):
         key = f"sockets[{index}]"
         if not isinstance(item, dict):
@@ -343,7 +343,19 @@ def _parse_sockets(top: _Section) -> tuple[SocketConfig, ...]:
                 section.fail(
                     "native",
                     f"{native!r} is not a socket unit name",
-                    hint="e.g. native: ssh.socket",
+                    hint="e.g. native: echo.socket",
+                )
+            if native == "sshd.socket" or native.startswith("nspawnctl-"):
+                section.fail(
+                    "native",
+                    f"{native!r} is nspawnctl's own unit in the guest",
+                    hint="name a socket unit of the guest's own",
+                )
+            if native in {s.native for s in sockets}:
+                section.fail(
+                    "native",
+                    f"{native!r} takes another socket already",
+                    hint="one host socket per native unit",
                 )
         else:
             if to is None or service is None:

@@ -120,7 +120,7 @@ def add(paths: Paths, config: ContainerConfig, config_text: str) -> None:
             undo.push("socket", lambda: _stop_and_forget(systemd, socket_unit(name)))
             systemd.start(socket_unit(name))
         if config.network.gateway is not None:
-            _reload_networkd(systemd, config)
+            _reload_networkd(systemd, config.name)
     log.info(
         "added %s: %s listens on %s; the container boots on the first connection",
         name,
@@ -129,13 +129,13 @@ def add(paths: Paths, config: ContainerConfig, config_text: str) -> None:
     )
 
 
-def _reload_networkd(systemd: Systemd, config: ContainerConfig) -> None:
+def _reload_networkd(systemd: Systemd, name: str) -> None:
     """The host side of a static address is systemd-networkd's job."""
     if systemd.states(["systemd-networkd.service"])["systemd-networkd.service"].active != "active":
         log.warning(
             "systemd-networkd does not run on this host: the host side of %s's link "
-            "will have no address (systemctl enable --now systemd-networkd)",
-            config.name,
+            "is not configured (systemctl enable --now systemd-networkd)",
+            name,
         )
         return
     run(["networkctl", "reload"])
@@ -191,9 +191,12 @@ def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
                 _stop_and_forget(systemd, unit)
         if systemd.unit_file_state(socket_unit(name)) == "enabled":
             systemd.disable([socket_unit(name)])
+        network_file = any(p.suffix == ".network" and p.exists() for p in targets)
         for path in targets:
             remove_file(path)
         systemd.reload()
+        if network_file:
+            _reload_networkd(systemd, name)
     if mounted_lower(root) is not None:
         raise OperationError(
             f"{root} is still mounted; its layer is kept",

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from nspawnctl.errors import NspawnctlError
+from nspawnctl.recipe import parse_image, with_bootstrap
+from nspawnctl.store import ImageStore
 from tests.integration.conftest import (
     CLIENT_KEY,
     STATE_IN_HOST,
@@ -188,3 +191,13 @@ def test_tar_that_is_not_a_root_filesystem(host: TestHost) -> None:
     result = nspawnctl(host, "image", "import", "/var/tmp/notroot.tar.gz", "notroot", check=False)
     assert result.returncode == 1 and "not a root filesystem" in result.stderr
     assert host.run(["ls", "-a", f"{STATE_IN_HOST}/images"]).stdout == before
+
+
+def test_unreachable_mirror_is_a_clear_error_and_changes_nothing(image_cache: Path) -> None:
+    """debootstrap against a mirror nobody serves (a closed port on this machine)."""
+    recipe = with_bootstrap(parse_image("debian:bookworm"), mirror="http://127.0.0.1:9/debian")
+    with tempfile.TemporaryDirectory(prefix="nspawnctl-store-", dir="/var/tmp") as tmp:
+        with pytest.raises(NspawnctlError) as info:
+            ImageStore(Path(tmp)).ensure(recipe)
+        assert "debootstrap" in info.value.message
+        assert sorted(p.name for p in Path(tmp).iterdir()) == [".lock"]
