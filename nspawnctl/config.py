@@ -47,8 +47,11 @@ KNOWN_KEYS = (
     "keep_awake",
 )
 # systemd time spans as the YAML may give them: 90, "90s", "10min", "1h 30min".
-_SPAN_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
-_SPAN_RE = re.compile(r"(\d+)\s*(min|sec|hr|s|m|h|)\s*")
+_SPAN_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
+_SPAN_RE = re.compile(r"(\d+)\s*(min|sec|hr|s|m|h|d|)\s*")
+# keep_awake names go to a guest script on a unit's command line, where systemd would
+# unescape a backslash: plain service names only. A socket is always active.
+_SERVICE_RE = re.compile(r"^[A-Za-z0-9:_.@-]+\.service$")
 NETWORK_MODES = ("private", "host", "veth", "zone", "bridge")
 _UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket)$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,12}$")
@@ -261,10 +264,10 @@ def parse_config(name: str, data: Mapping[Any, Any], file: Path) -> ContainerCon
     idle_timeout = _parse_span(top, "idle_timeout")
     keep_awake = top.take("keep_awake", list) or []
     for index, unit in enumerate(keep_awake):
-        if not isinstance(unit, str) or not _UNIT_RE.match(unit):
+        if not isinstance(unit, str) or not _SERVICE_RE.match(unit):
             top.fail(
                 f"keep_awake[{index}]",
-                f"{unit!r} is not a unit name",
+                f"{unit!r} is not a service unit name",
                 hint="e.g. keep_awake: [backup.service]",
             )
     if keep_awake and idle_timeout is None:

@@ -42,7 +42,7 @@ def _stop(systemd: Systemd, name: str, paths: Paths) -> None:
 def _restart(systemd: Systemd, name: str, paths: Paths) -> None:
     # Not RestartUnit: the root's mount stays needed through a restart job, so the
     # container would come back on the image version it had. Unmount in between.
-    systemd.stop(service_unit(name))
+    _stop(systemd, name, paths)
     systemd.stop(mount_unit(paths.machine_dir(name)))
     systemd.start(service_unit(name))
 
