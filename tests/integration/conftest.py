@@ -63,6 +63,30 @@ def host(image_cache: Path) -> Iterator[TestHost]:
         yield h
 
 
+@contextlib.contextmanager
+def squatter(host: TestHost, family: str, address: str, port: int) -> Iterator[None]:
+    """A program of the host (not a container) listening on address:port meanwhile."""
+    host.run(
+        [
+            "systemd-run",
+            "--unit=squatter",
+            "python3",
+            "-c",
+            f"import socket, signal; s = socket.socket(socket.{family}); "
+            f"s.bind(({address!r}, {port})); s.listen(); signal.pause()",
+        ]
+    )
+    try:
+        host.wait_for(
+            lambda: f":{port}" in host.run(["ss", "-Htln"]).stdout,
+            timeout=30,
+            what="squatter listening",
+        )
+        yield
+    finally:
+        host.run(["systemctl", "stop", "squatter"])
+
+
 def nspawnctl(host: TestHost, *args: str, check: bool = True) -> CompletedProcess[str]:
     return host.run([sys.executable, "-m", "nspawnctl", *args], check=check)
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.conftest import CLIENT_KEY, nspawnctl, ssh
+from tests.integration.conftest import CLIENT_KEY, nspawnctl, squatter, ssh
 from tests.testhost import TestHost
 
 PORT = 2222
@@ -217,23 +217,10 @@ def test_failed_socket_start_undoes_everything(host: TestHost, web: str) -> None
 
 
 def test_port_held_on_the_host_is_refused_before_anything_is_written(host: TestHost) -> None:
-    host.run(
-        [
-            "systemd-run",
-            "--unit=squatter",
-            "python3",
-            "-c",
-            "import socket, signal; s = socket.socket(socket.AF_INET6); "
-            "s.bind(('::', 2301)); s.listen(); signal.pause()",
-        ]
-    )
-    host.wait_for(
-        lambda: ":2301" in host.run(["ss", "-Htln"]).stdout, timeout=30, what="squatter listening"
-    )
-    result = nspawnctl(
-        host, "add", "busy", "--ssh", "2301", "--key", f"{CLIENT_KEY}.pub", check=False
-    )
-    host.run(["systemctl", "stop", "squatter"])
+    with squatter(host, "AF_INET6", "::", 2301):
+        result = nspawnctl(
+            host, "add", "busy", "--ssh", "2301", "--key", f"{CLIENT_KEY}.pub", check=False
+        )
     assert result.returncode == 2
     assert "port 2301/tcp is already in use on the host by python3" in result.stderr
     assert leftovers(host, "busy") == []

@@ -12,7 +12,7 @@ import pytest
 
 from nspawnctl.recipe import parse_image, with_bootstrap
 from nspawnctl.store import ImageStore
-from tests.integration.conftest import CLIENT_KEY, booted_host, nspawnctl, ssh
+from tests.integration.conftest import CLIENT_KEY, booted_host, nspawnctl, squatter, ssh
 from tests.testhost import TestHost
 
 WEB = f"""\
@@ -121,23 +121,12 @@ def test_second_container_on_the_same_port_is_refused(host: TestHost) -> None:
 
 
 def test_port_held_by_a_host_program_is_refused(host: TestHost) -> None:
-    host.run(
-        [
-            "systemd-run",
-            "--unit=squatter",
-            "python3",
-            "-c",
-            "import socket, signal; s = socket.socket(); s.bind(('127.0.0.1', 8090)); "
-            "s.listen(); signal.pause()",
-        ]
-    )
-    host.wait_for(
-        lambda: ":8090" in host.run(["ss", "-Hltn"]).stdout, timeout=30, what="squatter listening"
-    )
-    result = nspawnctl(
-        host, "add", "web3", "--ssh", "8090", "--key", f"{CLIENT_KEY}.pub", check=False
-    )
-    host.run(["systemctl", "stop", "squatter"])
+    """Held on one IPv4 address only: it still clashes with a container's port, which
+    listens on every address."""
+    with squatter(host, "AF_INET", "127.0.0.1", 8090):
+        result = nspawnctl(
+            host, "add", "web3", "--ssh", "8090", "--key", f"{CLIENT_KEY}.pub", check=False
+        )
     assert result.returncode == 2
     assert "port 8090/tcp is already in use on the host by python3" in result.stderr
 
