@@ -58,8 +58,9 @@ def run_exec(args: argparse.Namespace, paths: Paths) -> int:
             "--quiet",
             "--wait",
             "--collect",
+            # Both given, systemd-run uses --pty on a terminal and --pipe otherwise.
             "--pipe",
-            "--pty" if sys.stdin.isatty() and sys.stdout.isatty() else "--pipe",
+            *(["--pty"] if sys.stdin.isatty() and sys.stdout.isatty() else []),
             "--working-directory=/root",
             "--setenv=HOME=/root",
             "--setenv=LANG=C.UTF-8",
