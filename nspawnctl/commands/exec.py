@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from nspawnctl.bus import Systemd
 from nspawnctl.commands.lifecycle import require_installed
@@ -58,9 +57,10 @@ def run_exec(args: argparse.Namespace, paths: Paths) -> int:
             "--quiet",
             "--wait",
             "--collect",
-            # Both given, systemd-run uses --pty on a terminal and --pipe otherwise.
+            # Both given, systemd-run uses --pty when stdin, stdout and stderr are a
+            # terminal, and --pipe otherwise (systemd-run(1)).
             "--pipe",
-            *(["--pty"] if sys.stdin.isatty() and sys.stdout.isatty() else []),
+            "--pty",
             "--working-directory=/root",
             "--setenv=HOME=/root",
             "--setenv=LANG=C.UTF-8",
