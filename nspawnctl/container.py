@@ -19,7 +19,7 @@ from nspawnctl.install import (
     verify_units,
     write_atomic,
 )
-from nspawnctl.layers import Layer, mounted_lower
+from nspawnctl.layers import Layer, check_upper_filesystem, mounted_lower
 from nspawnctl.log import log
 from nspawnctl.names import mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
@@ -91,6 +91,7 @@ def add(paths: Paths, config: ContainerConfig, config_text: str) -> None:
     others, _broken = load_all(paths)
     check_conflicts(config, others)
     check_host_ports(config, host_listeners())
+    check_upper_filesystem(layer.path.parent)
     if config.network.mode == "host":
         log.warning("%s shares the host's network: its services bind the host's ports", name)
     for path in host_targets(paths, name).values():

@@ -10,7 +10,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nspawnctl.errors import OperationError
 from nspawnctl.paths import Paths
+from nspawnctl.run import run
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,19 @@ class Layer:
             else:
                 current.mkdir(mode=0o700 if part == ".ssh" else 0o755)
         return current
+
+
+def check_upper_filesystem(path: Path) -> None:
+    """Refuse to put layers where overlayfs cannot use them: an overlay cannot be the
+    upper layer of another overlay (the mount would fail at the container's boot)."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if run(["stat", "--file-system", "--format=%T", existing]).stdout.strip() == "overlayfs":
+        raise OperationError(
+            f"{existing} is on overlayfs, which cannot hold a container's layer",
+            hint="put NSPAWNCTL_STATE_DIR (default /var/lib/nspawnctl) on a real file system",
+        )
 
 
 def disk_usage(path: Path) -> int:

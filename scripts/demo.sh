@@ -12,5 +12,9 @@ cache=/var/cache/nspawnctl-test   # shared with the tests: one debootstrap, ever
 echo "== bootstrapping debian:bookworm into $cache (about a minute, once)"
 NSPAWNCTL_STATE_DIR=$cache python3 -m nspawnctl image build debian:bookworm
 echo "== booting a throw-away systemd host"
-exec python3 -m tests.testhost --bind "$cache/images:/var/lib/nspawnctl/images" \
-    -- bash "$PWD/scripts/demo-inside.sh"
+# Container layers need a real file system under them: the throw-away host's own
+# root is an overlay, and overlayfs cannot be the upper layer of another overlay.
+layers=$(mktemp -d /var/tmp/nspawnctl-demo-layers.XXXXXX)
+trap 'rm -rf "$layers"' EXIT
+python3 -m tests.testhost --bind "$cache/images:/var/lib/nspawnctl/images" \
+    --bind "$layers:/var/lib/nspawnctl/layers" -- bash "$PWD/scripts/demo-inside.sh"

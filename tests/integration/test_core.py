@@ -4,6 +4,7 @@ the container -> stop leaves the socket listening -> logs merged -> remove leave
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -252,3 +253,25 @@ def test_remove_leaves_nothing(host: TestHost, web: str) -> None:
     assert host.run(["test", "-e", f"/var/log/journal/{mid}"], check=False).returncode == 1
     assert web not in machines(host)
     assert f":{PORT}" not in host.run(["ss", "-Htln"]).stdout
+
+
+def test_layers_on_overlayfs_are_refused(host: TestHost) -> None:
+    """The throw-away host's own root is an overlay: a layer there could never mount."""
+    result = host.run(
+        [
+            sys.executable,
+            "-m",
+            "nspawnctl",
+            "add",
+            "ovl",
+            "--ssh",
+            "2304",
+            "--key",
+            f"{CLIENT_KEY}.pub",
+        ],
+        check=False,
+        env={"NSPAWNCTL_STATE_DIR": "/var/lib/nspawnctl-on-overlay"},
+    )
+    assert result.returncode == 1
+    assert "is on overlayfs, which cannot hold a container's layer" in result.stderr
+    assert leftovers(host, "ovl") == []
