@@ -12,9 +12,9 @@ from nspawnctl.container import rendering_for, users_of
 from nspawnctl.errors import UsageError
 from nspawnctl.install import write_atomic
 from nspawnctl.layers import Layer, overlay_lowers
-from nspawnctl.names import mount_unit
 from nspawnctl.paths import Paths
 from nspawnctl.recipe import Recipe
+from nspawnctl.render import host_targets
 from nspawnctl.store import Image, ImageStore
 
 _UPGRADE = {
@@ -52,13 +52,14 @@ def update_image(paths: Paths, image: Image, command: Sequence[str]) -> UpdateRe
     old, new = store.update(image, command)
     image = store.get(image.key)
     users = users_of(paths, image)
+    renderings = {c.name: rendering_for(paths, c, image) for c in users}
     # Each user's mount unit now names the new version; it takes effect at the next
     # mount, i.e. the container's next start. A running container is not touched. Only
     # the mount unit: the rest must stay as installed, matching the guest's own files.
     with Systemd.connect() as systemd:
-        for config in users:
-            mount = paths.unit_dir / mount_unit(paths.machine_dir(config.name))
-            for file in rendering_for(paths, config, image).host:
+        for name, rendering in renderings.items():
+            mount = host_targets(paths, name)["container.mount.j2"]
+            for file in rendering.host:
                 if Path(file.path) == mount:
                     write_atomic(mount, file.text, file.mode)
         systemd.reload()
@@ -66,9 +67,12 @@ def update_image(paths: Paths, image: Image, command: Sequence[str]) -> UpdateRe
     restart = sorted(
         c.name for c in users if lowers.get(paths.machine_dir(c.name)) not in (None, new)
     )
-    own = {str(f.path) for c in users[:1] for f in rendering_for(paths, c, image).guest}
+    # Each container's own files differ (its proxies, its native drop-ins): its own set.
     conflicts = {
-        c.name: changed_in_both(Layer.of(paths, c.name).upper, old, new, own) for c in users
+        name: changed_in_both(
+            Layer.of(paths, name).upper, old, new, {str(f.path) for f in rendering.guest}
+        )
+        for name, rendering in renderings.items()
     }
     # Every mounted version, whoever mounted it (even a container whose YAML is broken).
     in_use = set(lowers.values())
