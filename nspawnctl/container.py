@@ -53,6 +53,11 @@ def machine_id(paths: Paths, name: str) -> str | None:
     return text or None
 
 
+def units_of(paths: Paths, name: str) -> list[str]:
+    """A container's units on the host: its socket, its service, its root's mount."""
+    return [socket_unit(name), service_unit(name), mount_unit(paths.machine_dir(name))]
+
+
 def is_installed(paths: Paths, name: str) -> bool:
     return any(is_ours(p) for p in host_targets(paths, name).values())
 
@@ -183,7 +188,7 @@ def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
         if path.exists() and not is_ours(path):
             raise OperationError(f"refusing to remove {path}: it was not written by nspawnctl")
     with Systemd.connect() as systemd:
-        units = [socket_unit(name), service_unit(name), mount_unit(root)]
+        units = units_of(paths, name)
         states = systemd.states(units)
         # The socket first, so that no connection boots the container again meanwhile;
         # the mount last, once nothing runs on it.

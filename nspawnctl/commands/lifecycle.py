@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from nspawnctl.bus import Systemd
-from nspawnctl.container import is_installed
+from nspawnctl.container import is_installed, units_of
 from nspawnctl.errors import UsageError
 from nspawnctl.log import log
 from nspawnctl.names import machine_name, mount_unit, service_unit, socket_unit
@@ -23,8 +23,7 @@ def _start(systemd: Systemd, name: str, paths: Paths) -> None:
 
 
 def reset_failed(systemd: Systemd, name: str, paths: Paths) -> None:
-    units = [socket_unit(name), service_unit(name), mount_unit(paths.machine_dir(name))]
-    for unit, state in systemd.states(units).items():
+    for unit, state in systemd.states(units_of(paths, name)).items():
         if state.active == "failed":
             systemd.reset_failed(unit)
 

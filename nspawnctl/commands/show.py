@@ -10,11 +10,11 @@ from typing import Any
 from nspawnctl.bus import Systemd, UnitState, text
 from nspawnctl.commands.lifecycle import require_installed
 from nspawnctl.config import ContainerConfig, load_config
-from nspawnctl.container import load_all
+from nspawnctl.container import load_all, units_of
 from nspawnctl.errors import ConfigError
 from nspawnctl.layers import Layer, disk_usage, mounted_lower
 from nspawnctl.log import log
-from nspawnctl.names import machine_name, mount_unit, service_unit, socket_unit
+from nspawnctl.names import machine_name, service_unit, socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.store import ImageStore
 
@@ -95,7 +95,7 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
         log.warning("%s", err.message)
     socket, service = socket_unit(name), service_unit(name)
     with Systemd.connect() as systemd:
-        states = systemd.states([socket, service, mount_unit(paths.machine_dir(name))])
+        states = systemd.states(units_of(paths, name))
         machine = systemd.machine(name)
         running = states[service].active == "active"
         memory = systemd.unit_property(service, "MemoryCurrent", "t") if running else _UNSET
