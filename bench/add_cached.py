@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.timing import timed
 from nspawnctl.bootstrap import bootstrapper
 from nspawnctl.layers import disk_usage
 from nspawnctl.recipe import parse_image
@@ -26,13 +27,6 @@ from tests.integration.conftest import (
     booted_host,
     cached_image,
     ssh,
-)
-
-ADD_TIMER = (
-    "import subprocess, sys, time; s = time.perf_counter(); "
-    "subprocess.run([sys.executable, '-m', 'nspawnctl', 'add', sys.argv[1], '--ssh', sys.argv[2],"
-    " '--key', sys.argv[3]], check=True, capture_output=True); "
-    "print(f'{time.perf_counter() - s:.4f}')"
 )
 
 
@@ -46,8 +40,22 @@ def main() -> int:
     with booted_host(IMAGE_CACHE) as host:
         for index in range(args.runs):
             name, port = f"bench{index}", str(2500 + index)
-            out = host.run([sys.executable, "-c", ADD_TIMER, name, port, f"{CLIENT_KEY}.pub"])
-            adds.append(float(out.stdout))
+            adds.append(
+                timed(
+                    host,
+                    [
+                        sys.executable,
+                        "-m",
+                        "nspawnctl",
+                        "add",
+                        name,
+                        "--ssh",
+                        port,
+                        "--key",
+                        f"{CLIENT_KEY}.pub",
+                    ],
+                )
+            )
             ssh(host, int(port), "true")
             du = host.run(["du", "-s", "--block-size=1", f"{STATE_IN_HOST}/layers/{name}"])
             layers.append(int(du.stdout.split()[0]))

@@ -11,6 +11,7 @@ import argparse
 import statistics
 import sys
 
+from bench.timing import timed
 from tests.integration.conftest import CLIENT_KEY, IMAGE_CACHE, booted_host, cached_image
 
 WRITE = """
@@ -20,11 +21,6 @@ for i in range(int(sys.argv[1])):
     with open(f"/etc/nspawnctl/c{i}.yaml", "w") as f:
         f.write(f"ssh: {{listen: {10000 + i}, authorized_keys: ['{key}']}}\\n")
 """
-TIMER = (
-    "import subprocess, sys, time; s = time.perf_counter(); "
-    "subprocess.run(sys.argv[1:], check=True, capture_output=True); "
-    "print(f'{time.perf_counter() - s:.4f}')"
-)
 
 
 def main() -> int:
@@ -62,11 +58,7 @@ def main() -> int:
             ],
         }
         results = {
-            label: [
-                float(host.run([sys.executable, "-c", TIMER, *argv]).stdout)
-                for _ in range(args.runs)
-            ]
-            for label, argv in commands.items()
+            label: [timed(host, argv) for _ in range(args.runs)] for label, argv in commands.items()
         }
     print(f"# {args.containers + 1} defined containers, {args.runs} runs each")
     for label, times in results.items():
