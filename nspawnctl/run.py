@@ -1,4 +1,4 @@
-"""Every subprocess nspawnctl starts goes through `run` (or `run_interactive`)."""
+"""Every subprocess nspawnctl starts goes through `run` (or `run_interactive`, `run_lines`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import collections
 import os
 import shlex
 import subprocess
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import IO, Literal
 
 from nspawnctl.errors import OperationError
 from nspawnctl.log import log
@@ -81,6 +83,63 @@ def _stream(
             tail.append(line)
             progress(line)
     return subprocess.CompletedProcess(args, proc.returncode, "".join(tail), "")
+
+
+StreamName = Literal["stdout", "stderr"]
+LineSink = Callable[[StreamName, str], None]
+
+
+def run_lines(argv: Argv, on_line: LineSink, *, env: Mapping[str, str] | None = None) -> int:
+    """Run argv with stdin from /dev/null and hand each line of its stdout and of its
+    stderr, without the newline, to `on_line` as it comes; return the exit code. The
+    streams stay apart, so stderr can go on being stderr. Safe to call from threads."""
+    args = [str(a) for a in argv]
+    log.debug("+ %s", shlex.join(args))
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            encoding="utf-8",
+            errors="replace",  # a command's binary output must not end the reading
+            env=_environment(env),
+        )
+    except FileNotFoundError:
+        raise OperationError(
+            f"{args[0]}: command not found", hint="install it, see README.md"
+        ) from None
+    with proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        # One reader per pipe: reading one while the command fills the other one's
+        # pipe buffer would block both for good.
+        failed: list[BaseException] = []
+        reader = threading.Thread(target=_pump, args=(proc, proc.stderr, "stderr", on_line, failed))
+        reader.start()
+        _pump(proc, proc.stdout, "stdout", on_line, failed)
+        reader.join()
+        if failed:
+            raise failed[0]
+    return proc.returncode
+
+
+def _pump(
+    proc: subprocess.Popen[str],
+    pipe: IO[str],
+    stream: StreamName,
+    on_line: LineSink,
+    failed: list[BaseException],
+) -> None:
+    try:
+        for line in pipe:
+            on_line(stream, line.removesuffix("\n"))
+    except BaseException as err:
+        # on_line failed (our own stdout closed, say). Nobody reads this pipe any more:
+        # close it, so that whoever writes to it (the command, or a process it handed
+        # the pipe to) gets EPIPE instead of waiting on a full pipe for ever.
+        failed.append(err)
+        pipe.close()
+        proc.kill()
 
 
 def command_failed(args: Sequence[str], code: int, output: str) -> OperationError:

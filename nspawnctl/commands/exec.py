@@ -1,24 +1,45 @@
-"""exec and shell: run something inside a container, booting it first if needed."""
+"""exec and shell: run something inside a container, or in many, booting them if needed."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import threading
 
-from nspawnctl.bus import Systemd
-from nspawnctl.commands.lifecycle import require_installed
-from nspawnctl.errors import OperationError, UsageError
-from nspawnctl.names import machine_name, service_unit
+from nspawnctl.errors import UsageError
+from nspawnctl.fleet import DEFAULT_JOBS, Outcome, booted_leader, guest_command, run_in_each, select
+from nspawnctl.log import log
+from nspawnctl.names import check_machine_name, machine_name
 from nspawnctl.paths import Paths
-from nspawnctl.run import run_interactive
+from nspawnctl.run import StreamName, run_interactive
+
+_USAGE = """nspawnctl exec NAME [--] CMD [ARG...]
+       nspawnctl exec [--running] [--jobs N] (--all | NAME...) -- CMD [ARG...]"""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_text = "run a command in a container (booting it if needed); exits with its code"
-    p = sub.add_parser(
-        "exec", help=help_text, description=help_text, usage="nspawnctl exec NAME -- CMD [ARG...]"
+    description = (
+        f"{help_text}. With --all or several NAMEs: in each of them, a few at a time, "
+        "every output line prefixed with the container's name, then a summary; exit "
+        "status 1 if it failed in any. Containers booted for it are powered off again."
     )
-    p.add_argument("name", metavar="NAME", type=machine_name)
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD")
+    p = sub.add_parser("exec", help=help_text, description=description, usage=_USAGE)
+    p.add_argument("--all", action="store_true", help="in every container")
+    p.add_argument(
+        "--running",
+        action="store_true",
+        help="skip containers that are not running instead of booting them for it",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_jobs,
+        metavar="N",
+        help=f"in at most N containers at once (default {DEFAULT_JOBS})",
+    )
+    # Everything after the options: NAMEs up to `--`, then the command (options of the
+    # command, such as `ls -l`, stay the command's).
+    p.add_argument("words", nargs=argparse.REMAINDER, metavar="NAME... -- CMD")
     p.set_defaults(handler=run_exec)
     help_text = "an interactive root shell in a container (booting it if needed)"
     p = sub.add_parser("shell", help=help_text, description=help_text)
@@ -26,48 +47,104 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=run_shell)
 
 
-def booted_leader(paths: Paths, name: str) -> int:
-    """Boot the container if it is not running; the start job ends once its boot has
-    finished (NotifyReady=yes). Returns the PID of its init as seen from the host."""
-    require_installed(paths, name)
-    with Systemd.connect() as systemd:
-        systemd.start(service_unit(name))
-        machine = systemd.machine(name)
-    if machine is None:
-        raise OperationError(
-            f"{name} started but is not registered with systemd-machined",
-            hint=f"see `journalctl -u {service_unit(name)}`",
+def _jobs(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return int(text)
+
+
+def _names_and_command(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """NAMEs before the first `--`, the command after it; without `--`, the first word
+    is the one NAME (as `exec NAME CMD` always was), or none with --all."""
+    words: list[str] = args.words
+    if "--" in words:
+        cut = words.index("--")
+        names, command = words[:cut], words[cut + 1 :]
+    else:
+        names, command = ([], words) if args.all else (words[:1], words[1:])
+    if args.all and names:
+        raise UsageError(
+            f"--all and the names {' '.join(names)} do not go together",
+            hint="nspawnctl exec --all -- CMD, or nspawnctl exec NAME... -- CMD",
         )
-    return machine.leader
+    if not args.all and not names:
+        raise UsageError(
+            "no container named", hint="nspawnctl exec NAME... -- CMD, or --all for every one"
+        )
+    for name in names:
+        try:
+            check_machine_name(name)
+        except ValueError as err:
+            raise UsageError(
+                f"{name!r} {err}", hint="NAMEs go before `--`, the command after it"
+            ) from None
+    if not command:
+        target = "--all" if args.all else " ".join(names)
+        raise UsageError("no command given", hint=f"nspawnctl exec {target} -- CMD")
+    return names, command
 
 
 def run_exec(args: argparse.Namespace, paths: Paths) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        raise UsageError("no command given", hint=f"nspawnctl exec {args.name} -- CMD")
-    booted_leader(paths, args.name)
-    # A transient unit of the guest's own systemd: the command runs in the container's
-    # cgroup, under its seccomp filter and capability bounds, not as a host process
-    # entered into its namespaces. --pipe keeps stdout, stderr and the exit code apart
-    # for scripts; on a terminal --pty takes over.
-    return run_interactive(
-        [
-            "systemd-run",
-            f"--machine={args.name}",
-            "--quiet",
-            "--wait",
-            "--collect",
-            # Both given, systemd-run uses --pty when stdin, stdout and stderr are a
-            # terminal, and --pipe otherwise (systemd-run(1)).
-            "--pipe",
-            "--pty",
-            "--working-directory=/root",
-            "--setenv=HOME=/root",
-            "--setenv=LANG=C.UTF-8",
-            "--",
-            *command,
-        ]
+    names, command = _names_and_command(args)
+    if args.all or len(names) > 1 or args.running or args.jobs is not None:
+        return _run_fleet(args, paths, names, command)
+    booted_leader(paths, names[0])
+    # On the caller's terminal: stdin too, and the exit status passed through.
+    return run_interactive(guest_command(names[0], command, pty=True))
+
+
+def _run_fleet(args: argparse.Namespace, paths: Paths, names: list[str], command: list[str]) -> int:
+    targets, skipped = select(paths, None if args.all else names)
+    if not targets and not skipped:
+        log.info("no containers: nothing to run")
+        return 0
+    outcomes = run_in_each(
+        paths,
+        targets,
+        command,
+        _Prefixed(),
+        jobs=args.jobs or DEFAULT_JOBS,
+        running_only=args.running,
     )
+    return _summarise([*outcomes, *skipped])
+
+
+class _Prefixed:
+    """Prints each container's lines whole, prefixed with its name, on the stream they
+    came on; the containers' threads print through one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str, stream: StreamName, line: str) -> None:
+        out = sys.stdout if stream == "stdout" else sys.stderr
+        with self._lock:
+            print(f"{name}: {line}", file=out, flush=True)
+
+
+def _summarise(outcomes: list[Outcome]) -> int:
+    """The summary on stderr (stdout is the commands' output); 1 if any failed."""
+    succeeded = [o.name for o in outcomes if not o.failed and o.skipped is None]
+    failed = [o for o in outcomes if o.failed]
+    skipped = [o for o in outcomes if o.skipped is not None]
+    booted = [o.name for o in outcomes if o.powered_off]
+    if succeeded:
+        log.info("succeeded (%d): %s", len(succeeded), ", ".join(succeeded))
+    if failed:
+        log.info("failed (%d): %s", len(failed), ", ".join(map(_failure, failed)))
+    if skipped:
+        log.info(
+            "skipped (%d): %s", len(skipped), ", ".join(f"{o.name} ({o.skipped})" for o in skipped)
+        )
+    if booted:
+        log.info("booted for it and powered off again: %s", ", ".join(booted))
+    return 1 if failed else 0
+
+
+def _failure(outcome: Outcome) -> str:
+    why = [f"exit code {outcome.exit_code}"] if outcome.exit_code not in (None, 0) else []
+    why += [outcome.problem] if outcome.problem else []
+    return f"{outcome.name} ({'; '.join(why)})"
 
 
 def run_shell(args: argparse.Namespace, paths: Paths) -> int:
