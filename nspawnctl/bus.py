@@ -94,10 +94,21 @@ class Systemd:
         *args: Any,
         doing: str,
     ) -> Any:
+        encoded = apply_signature(signature, list(args)) if args else []
+        return self._call_encoded(dest, path, iface, method, encoded, doing=doing)
+
+    def _call_encoded(
+        self,
+        dest: bytes,
+        path: bytes,
+        iface: bytes,
+        method: bytes,
+        encoded: list[Any],
+        *,
+        doing: str,
+    ) -> Any:
         try:
-            reply: DbusMessage = self.bus.call_method(
-                dest, path, iface, method, apply_signature(signature, list(args)) if args else []
-            )
+            reply: DbusMessage = self.bus.call_method(dest, path, iface, method, encoded)
         except DBusBaseError as err:
             raise _bus_error(err, doing) from None
         return reply.body
@@ -162,6 +173,25 @@ class Systemd:
 
     def reset_failed(self, unit: str) -> None:
         self._manager(b"ResetFailedUnit", b"s", unit.encode(), doing=f"reset-failed {unit}")
+
+    def set_properties(self, unit: str, properties: Sequence[tuple[str, int]]) -> None:
+        """Change cgroup properties of a loaded unit now (`systemctl set-property
+        --runtime`): systemd keeps them in /run/systemd/system.control until reboot."""
+        # apply_signature() cannot encode a variant: it is spelt out, as pystemd's own
+        # unit_signatures.signature_array() does (open the variant, its value, close).
+        encoded = [*apply_signature(b"sb", [unit.encode(), True]), (ord("a"), b"(sv)")]
+        for name, value in properties:
+            encoded += [(ord("r"), b"sv"), *apply_signature(b"s", [name.encode()])]
+            encoded += [(ord("v"), b"t"), *apply_signature(b"t", [value]), (-1, None), (-1, None)]
+        encoded.append((-1, None))
+        self._call_encoded(
+            SYSTEMD,
+            SYSTEMD_PATH,
+            MANAGER,
+            b"SetUnitProperties",
+            encoded,
+            doing=f"setting properties of {unit}",
+        )
 
     # --- unit files -------------------------------------------------------------------
 
@@ -237,6 +267,26 @@ class Systemd:
             )
         except DBusBaseError:
             return None  # it went away between the two calls
+
+    def machine_of_pid(self, pid: int) -> str | None:
+        """The name of the machine that process `pid` (as the host sees it) belongs to;
+        None if machined places it in none: a process of the host, or no process."""
+        try:
+            path = self.bus.call_method(
+                MACHINED,
+                MACHINED_PATH,
+                MACHINED_MANAGER,
+                b"GetMachineByPID",
+                apply_signature(b"u", [pid]),
+            ).body
+        except DBusBaseError as err:
+            if "NoMachineForPID" in str(err) or "does not belong" in str(err):
+                return None
+            raise _bus_error(err, f"asking machined about PID {pid}") from None
+        try:
+            return text(self.bus.get_property(MACHINED, path, MACHINE, b"Name", b"s"))
+        except DBusBaseError:
+            return None  # the machine went away between the two calls
 
 
 _UNIT_PROPERTIES = {

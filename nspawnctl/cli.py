@@ -8,7 +8,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nspawnctl import __version__
-from nspawnctl.commands import add, exec, image, lifecycle, logs, remove, show
+from nspawnctl.commands import (
+    add,
+    apply,
+    backup,
+    exec,
+    image,
+    lifecycle,
+    logs,
+    remove,
+    settings,
+    show,
+    which,
+)
 from nspawnctl.errors import NspawnctlError
 from nspawnctl.log import log, setup
 from nspawnctl.paths import Paths, environment_variables
@@ -16,7 +28,7 @@ from nspawnctl.paths import Paths, environment_variables
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # In the order `--help` lists them; each module registers its verbs.
-_COMMAND_MODULES = (add, remove, show, lifecycle, logs, exec, image)
+_COMMAND_MODULES = (add, apply, remove, show, lifecycle, settings, logs, exec, which, backup, image)
 
 
 class _Parser(argparse.ArgumentParser):

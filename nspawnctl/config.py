@@ -6,7 +6,7 @@ import difflib
 import ipaddress
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -16,10 +16,13 @@ from nspawnctl.errors import ConfigError
 from nspawnctl.listen import Listen
 from nspawnctl.names import check_hostname, check_machine_name
 from nspawnctl.recipe import Recipe, parse_image, with_bootstrap
+from nspawnctl.resources import KEYS as RESOURCE_KEYS
+from nspawnctl.resources import Resources
+from nspawnctl.security import Security, capability_name
 
 # Keys of DESIGN.md that a later version will understand. Until then they are
 # errors like any unknown key, but with an honest message instead of "did you mean".
-PLANNED_KEYS = frozenset({"resources", "binds", "security"})
+PLANNED_KEYS = frozenset({"binds"})
 
 # The keys of each section; the whole schema at a glance.
 _TOP_KEYS = (
@@ -31,11 +34,15 @@ _TOP_KEYS = (
     "network",
     "idle_timeout",
     "keep_awake",
+    "resources",
+    "security",
 )
 _BOOTSTRAP_KEYS = ("method", "mirror", "packages", "source")
 _SSH_KEYS = ("listen", "authorized_keys")
 _SOCKET_KEYS = ("listen", "protocol", "to", "service", "native")
 _NETWORK_KEYS = ("mode", "address")
+_RESOURCES_KEYS = tuple(RESOURCE_KEYS)
+_SECURITY_KEYS = tuple(f.name for f in fields(Security))
 KNOWN_KEYS = (
     "image",
     *(f"bootstrap.{key}" for key in _BOOTSTRAP_KEYS),
@@ -45,16 +52,23 @@ KNOWN_KEYS = (
     *(f"network.{key}" for key in _NETWORK_KEYS),
     "idle_timeout",
     "keep_awake",
+    *(f"resources.{key}" for key in _RESOURCES_KEYS),
+    *(f"security.{key}" for key in _SECURITY_KEYS),
 )
 # systemd time spans as the YAML may give them: 90, "90s", "10min", "1h 30min".
 _SPAN_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
 _SPAN_RE = re.compile(r"(\d+)\s*(min|sec|hr|s|m|h|d|)\s*")
 # keep_awake names go to a guest script on a unit's command line, where systemd would
 # unescape a backslash: plain service names only. A socket is always active.
-_SERVICE_RE = re.compile(r"^[A-Za-z0-9:_.@-]+\.service$")
+_SERVICE_RE = re.compile(r"^[A-Za-z0-9:_.@-]+\.service\Z")
 NETWORK_MODES = ("private", "host", "veth", "zone", "bridge")
-_UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket)$")
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,12}$")
+# A unit name as systemd takes it: one '@' at most and never a bare template (a@.service);
+# at most 253 characters, so that its drop-in directory NAME.d is a valid file name.
+# `\Z`, not `$`: `$` also matches before a trailing newline.
+_UNIT_RE = re.compile(
+    r"^(?=.{1,253}\Z)[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]+)?\.(service|socket)\Z"
+)
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,12}\Z")
 
 KEY_TYPES = (
     "ssh-ed25519",
@@ -68,7 +82,9 @@ KEY_TYPES = (
 _KEY_RE = re.compile(
     r"(?:^|\s)(?:" + "|".join(map(re.escape, KEY_TYPES)) + r")\s+[A-Za-z0-9+/]{16,}={0,3}(?:\s|$)"
 )
-_PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]*$")
+_PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]*\Z")
+# A key line goes into the guest's authorized_keys as it is: one line, no escapes.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,8 @@ class ContainerConfig:
     network: NetworkConfig = NetworkConfig()
     idle_timeout: int | None = None  # seconds; None: never powered off for being idle
     keep_awake: tuple[str, ...] = ()  # guest units that count as activity while active
+    resources: Resources = field(default_factory=Resources)
+    security: Security = field(default_factory=Security)
 
     def listens(self) -> Iterator[tuple[str, Listen]]:
         """Every host address this container listens on, with the key that set it."""
@@ -162,8 +180,16 @@ def load_yaml(text: str, file: Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
+        # A reader error has no `problem`, and its text names "<unicode string>" on a
+        # second line: one line of it is enough.
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(file, "", f"not valid YAML: {where}{problem}") from None
+    except RecursionError:
+        raise ConfigError(file, "", "not valid YAML: nested too deeply") from None
+    except ValueError as err:
+        # From PyYAML's constructors: an integer past Python's 4300 digits, a date
+        # like 2024-13-45. The rest of the message is about Python, not the file.
+        raise ConfigError(file, "", f"not valid YAML: {str(err).split(':')[0]}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -286,9 +312,36 @@ def parse_config(name: str, data: Mapping[Any, Any], file: Path) -> ContainerCon
         network=network,
         idle_timeout=idle_timeout,
         keep_awake=tuple(keep_awake),
+        resources=_parse_resources(top.section("resources", _RESOURCES_KEYS)),
+        security=_parse_security(top.section("security", _SECURITY_KEYS)),
     )
     _check_own_listens(config)
     return config
+
+
+def _parse_resources(section: _Section) -> Resources:
+    resources = Resources()
+    for key, raw in section.data.items():
+        try:
+            resources = resources.with_value(key, raw)
+        except ValueError as err:
+            section.fail(key, str(err), hint="see resources under KEYS in nspawnctl.yaml(5)")
+    return resources
+
+
+def _parse_security(section: _Section) -> Security:
+    user_namespace = section.take("user_namespace", bool)
+    names = section.take("drop_capabilities", list) or []
+    dropped: list[str] = []
+    for index, value in enumerate(names):
+        try:
+            dropped.append(capability_name(value))
+        except ValueError as err:
+            section.fail(f"drop_capabilities[{index}]", str(err), hint="e.g. [CAP_NET_RAW]")
+    return Security(
+        user_namespace=True if user_namespace is None else user_namespace,
+        drop_capabilities=tuple(dict.fromkeys(dropped)),
+    )
 
 
 def _parse_span(top: _Section, key: str) -> int | None:
@@ -300,6 +353,9 @@ def _parse_span(top: _Section, key: str) -> int | None:
     for match in _SPAN_RE.finditer(text):
         if match.start() != end:
             break
+        # Ten digits are past 7 days in any unit; and int() refuses more than 4300.
+        if len(match.group(1).lstrip("0")) >= 10:
+            top.fail(key, f"{value!r} is longer than 7 days", hint="e.g. 90, 30s, 10min, 1h 30min")
         seconds += int(match.group(1)) * _SPAN_UNITS[match.group(2)]
         end = match.end()
     if not text or end != len(text):
@@ -534,20 +590,28 @@ def read_public_keys(entry: str, *, base: Path) -> list[str]:
     """A key line as it is, or the key lines of a file; ValueError if there is no key."""
     entry = entry.strip()
     if _KEY_RE.search(entry):
-        if "\n" in entry:
-            raise ValueError("a key must be a single line")
+        if _CONTROL_RE.search(entry):
+            raise ValueError("a key must be a single line of printable text")
         return [entry]
-    path = (base / Path(entry).expanduser()) if entry else base
     try:
+        path = (base / Path(entry).expanduser()) if entry else base
+        # A device or a FIFO (/dev/zero, /dev/stdin) could be read forever.
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{entry!r} is neither a public key nor a regular file")
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) else "not a text file"
+    except (OSError, UnicodeDecodeError, RuntimeError) as err:
+        if isinstance(err, OSError):
+            reason = err.strerror or str(err)
+        elif isinstance(err, RuntimeError):  # from expanduser(): ~nosuchuser/key.pub
+            reason = "no such user"
+        else:
+            reason = "not a text file"
         raise ValueError(
             f"{entry!r} is neither a public key nor a readable file ({reason})"
         ) from None
     lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    bad = [ln for ln in lines if not _KEY_RE.search(ln)]
+    bad = [ln for ln in lines if not _KEY_RE.search(ln) or _CONTROL_RE.search(ln)]
     if bad or not lines:
         raise ValueError(
             f"{str(path)!r} holds no public key (is it the private key?)"
@@ -634,6 +698,17 @@ def dump_config(config: ContainerConfig) -> str:
         data["idle_timeout"] = f"{config.idle_timeout}s"
     if config.keep_awake:
         data["keep_awake"] = list(config.keep_awake)
+    if config.resources != Resources():
+        data["resources"] = config.resources.yaml_data()
+    if config.security != Security():
+        data["security"] = {
+            "user_namespace": config.security.user_namespace,
+            **(
+                {"drop_capabilities": list(config.security.drop_capabilities)}
+                if config.security.drop_capabilities
+                else {}
+            ),
+        }
     if config.network != NetworkConfig():
         network: dict[str, Any] = {"mode": str(config.network)}
         if config.network.address:

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from nspawnctl.bus import Systemd
-from nspawnctl.container import is_installed, units_of
+from nspawnctl.container import is_installed, stop_container, units_of
 from nspawnctl.errors import UsageError
 from nspawnctl.log import log
 from nspawnctl.names import machine_name, mount_unit, service_unit, socket_unit
@@ -29,13 +29,7 @@ def reset_failed(systemd: Systemd, name: str, paths: Paths) -> None:
 
 
 def _stop(systemd: Systemd, name: str, paths: Paths) -> None:
-    # Only the container: its socket keeps listening, so the next connection boots it.
-    service = service_unit(name)
-    if systemd.states([service])[service].active == "activating":
-        # systemd runs ExecStop= (which lets the guest hand accepted connections over
-        # cleanly) only for a service that finished starting: let the boot finish.
-        systemd.start(service)
-    systemd.stop(service)
+    stop_container(systemd, name)
 
 
 def _restart(systemd: Systemd, name: str, paths: Paths) -> None:

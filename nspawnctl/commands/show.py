@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from nspawnctl.bus import Systemd, UnitState, text
@@ -16,6 +17,7 @@ from nspawnctl.layers import Layer, disk_usage, mounted_lower
 from nspawnctl.log import log
 from nspawnctl.names import machine_name, service_unit, socket_unit
 from nspawnctl.paths import Paths
+from nspawnctl.resources import KEYS as RESOURCE_KEYS
 from nspawnctl.store import ImageStore
 
 _UNSET = 2**64 - 1  # systemd's "no value" for counters such as MemoryCurrent
@@ -101,6 +103,11 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
         memory = systemd.unit_property(service, "MemoryCurrent", "t") if running else _UNSET
         since = systemd.unit_property(service, "ActiveEnterTimestamp", "t") if running else 0
         enabled = systemd.unit_file_state(socket)
+        # What systemd holds for the unit, which is what the kernel enforces.
+        limits = {
+            key: systemd.unit_property(service, spec.bus_name, "t")
+            for key, spec in RESOURCE_KEYS.items()
+        }
         # Units systemd gave up on, with why: a failed socket no longer listens.
         failed = {
             unit: text(systemd.unit_property(unit, "Result", "s"))
@@ -119,6 +126,7 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
         "container": {"unit": service, "state": _container_state(states[service])},
         "machine": {"leader": machine.leader, "state": machine.state} if machine else None,
         "memory_bytes": None if memory == _UNSET else int(memory),
+        "limits": {key: int(value) for key, value in limits.items() if value != _UNSET},
         "uptime_seconds": round(time.time() - since / 1e6, 1) if since else None,
         "tree": str(paths.machine_dir(name)),
         **_layer_info(paths, name, config),
@@ -166,6 +174,7 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
             f"{machine['state']}, leader PID {machine['leader']}" if machine else "not running",
         ),
         ("memory", _size(info["memory_bytes"])),
+        ("limits", _limits(info["limits"])),
         ("uptime", _duration(info["uptime_seconds"])),
         ("tree", info["tree"]),
         ("layer", f"{_size(info['layer']['bytes'])} in {info['layer']['path']}"),
@@ -186,6 +195,16 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
             f"why: journalctl -u {service_unit(args.name)}"
         )
     return 0
+
+
+def _limits(limits: dict[str, int]) -> str:
+    shown: dict[str, Callable[[int], str]] = {
+        "memory": _size,
+        "cpu": lambda v: f"{v // 10_000}% of a CPU",
+        "tasks": str,
+        "io_weight": str,
+    }
+    return ", ".join(f"{key} {shown[key](value)}" for key, value in limits.items()) or "none"
 
 
 def _size(n: int | None) -> str:

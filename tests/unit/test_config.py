@@ -61,7 +61,7 @@ def test_unknown_top_key_lists_known_keys(pubkey: Path) -> None:
 
 
 def test_planned_key_is_an_honest_error(pubkey: Path) -> None:
-    err = error_of("web", good(pubkey, resources={"memory": "1G"}))
+    err = error_of("web", good(pubkey, binds=["/srv/data:/data:ro"]))
     assert "not supported by this version" in err.message
 
 

@@ -1,0 +1,163 @@
+"""apply: make the installed containers match a directory of YAML files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nspawnctl import container, reconcile
+from nspawnctl.bus import Systemd
+from nspawnctl.commands.add import kept_as
+from nspawnctl.config import ContainerConfig, load_yaml, parse_config
+from nspawnctl.errors import ConfigError, NspawnctlError, UsageError
+from nspawnctl.install import is_ours
+from nspawnctl.names import check_machine_name
+from nspawnctl.paths import Paths
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    help_text = "make the installed containers match every NAME.yaml in DIR"
+    p = sub.add_parser("apply", help=help_text, description=help_text)
+    p.add_argument("dir", nargs="?", type=Path, metavar="DIR", help="default: the config directory")
+    p.add_argument(
+        "--dry-run", action="store_true", help="show the plan, as a diff of files; change nothing"
+    )
+    p.add_argument(
+        "--prune", action="store_true", help="remove installed containers that DIR does not have"
+    )
+    p.set_defaults(handler=run_apply)
+
+
+@dataclass
+class _Tally:
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # installed, not in DIR, no --prune
+    broken: list[str] = field(default_factory=list)  # a YAML that does not load
+    failed: list[str] = field(default_factory=list)  # an operation that failed
+
+    def summary(self, dry_run: bool) -> str:
+        done = [
+            (self.added, "to add" if dry_run else "added"),
+            (self.changed, "to change" if dry_run else "changed"),
+            (self.restarted, "to restart" if dry_run else "restarted"),
+            (self.removed, "to remove" if dry_run else "removed"),
+            (self.unchanged, "unchanged"),
+            (self.kept, "not in DIR (kept; --prune removes)"),
+            (self.broken, "broken YAML"),
+            (self.failed, "failed"),
+        ]
+        if not (self.added or self.changed or self.removed or self.failed):
+            return f"nothing to do: {len(self.unchanged)} container(s) up to date" + "".join(
+                f"; {len(names)} {what}: {' '.join(names)}" for names, what in done[5:7] if names
+            )
+        return "; ".join(f"{len(names)} {what}: {' '.join(names)}" for names, what in done if names)
+
+
+def _report(name: str, err: NspawnctlError, tally: list[str]) -> None:
+    print(f"nspawnctl: error: {name}: {err.message}", file=sys.stderr)
+    if err.hint:
+        print(f"hint: {err.hint}", file=sys.stderr)
+    tally.append(name)
+
+
+def _load(paths: Paths, file: Path) -> tuple[ContainerConfig, str]:
+    name = file.stem
+    try:
+        check_machine_name(name)
+    except ValueError as err:
+        raise ConfigError(file, "name", f"{name!r}: {err}", hint="rename the file") from None
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(file, "", f"cannot read: {err}") from None
+    config = parse_config(name, load_yaml(text, file), file)
+    return kept_as(config, text, paths.config_file(name))
+
+
+def installed_names(paths: Paths) -> set[str]:
+    """Containers with units on this host, whether or not their YAML is still there."""
+    from_units = (
+        p.name.removeprefix("nspawnctl-").removesuffix(".socket")
+        for p in paths.unit_dir.glob("nspawnctl-*.socket")
+        if is_ours(p)
+    )
+    names = {*container.config_names(paths), *from_units}
+    return {n for n in names if container.is_installed(paths, n)}
+
+
+def run_apply(args: argparse.Namespace, paths: Paths) -> int:
+    directory: Path = (args.dir or paths.config_dir).absolute()
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory", hint="nspawnctl apply [DIR]")
+    files = sorted(p for p in directory.glob("*.yaml") if not p.name.startswith("."))
+    installed = installed_names(paths)
+    tally = _Tally()
+    for file in files:
+        name = file.stem
+        try:
+            config, text = _load(paths, file)
+        except NspawnctlError as err:
+            _report(name, err, tally.broken)
+            continue
+        try:
+            if name not in installed:
+                print(f"+ {name}: new container")
+                if not args.dry_run:
+                    container.add(paths, config, text)
+                tally.added.append(name)
+                continue
+            plan = reconcile.plan(paths, config, text)
+            if not plan.changes:
+                tally.unchanged.append(name)
+                continue
+            reconcile.check_listens(paths, plan)
+            _announce(plan, args.dry_run)
+            tally.changed.append(name)
+            if args.dry_run:
+                if _running(name) and plan.needs_restart:
+                    tally.restarted.append(name)
+                continue
+            with Systemd.connect() as systemd:
+                if reconcile.carry_out(systemd, plan):
+                    tally.restarted.append(name)
+        except NspawnctlError as err:
+            _report(name, err, tally.failed)
+    gone = sorted(installed - {f.stem for f in files})
+    for name in gone:
+        if not args.prune:
+            tally.kept.append(name)
+            continue
+        print(f"- {name}: not in {directory}")
+        try:
+            if not args.dry_run:
+                container.remove(paths, name)
+            tally.removed.append(name)
+        except NspawnctlError as err:
+            _report(name, err, tally.failed)
+    print(tally.summary(args.dry_run))
+    if tally.failed:
+        return 1
+    return 2 if tally.broken else 0
+
+
+def _announce(plan: reconcile.Plan, dry_run: bool) -> None:
+    print(f"~ {plan.name}: " + ", ".join(str(c.path) for c in plan.changes))
+    if plan.needs_restart and _running(plan.name):
+        print(f"  {plan.name} is running and boots with what changed: it will be restarted")
+    if dry_run:
+        for change in plan.changes:
+            print(change.diff(), end="")
+
+
+def _running(name: str) -> bool:
+    try:
+        with Systemd.connect() as systemd:
+            return container.is_running(systemd, name)
+    except NspawnctlError:
+        return False  # no systemd to ask: a dry run still shows the files

@@ -1,0 +1,199 @@
+"""Bring an installed container in line with its configuration: what `apply` and `set`
+do. A plan is computed first (pure comparison of rendered files with what is on disk),
+shown, then carried out all or nothing."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+from nspawnctl.bus import Systemd
+from nspawnctl.config import ContainerConfig, check_conflicts, load_config
+from nspawnctl.container import (
+    is_running,
+    load_all,
+    reload_networkd,
+    rendering_for,
+    stop_container,
+)
+from nspawnctl.errors import ConfigError, OperationError
+from nspawnctl.install import Undo, check_writable, is_ours, remove_file, write_atomic
+from nspawnctl.layers import Layer
+from nspawnctl.log import log
+from nspawnctl.names import mount_unit, service_unit, socket_unit
+from nspawnctl.paths import Paths
+from nspawnctl.ports import check_host_ports, host_listeners
+from nspawnctl.render import host_targets
+from nspawnctl.store import ImageStore
+
+
+@dataclass(frozen=True)
+class FileChange:
+    path: Path  # on the host; a guest file's path is inside the container's layer
+    old: str | None  # None: a new file
+    new: str | None  # None: the file goes
+    mode: int = 0o644
+    guest: bool = False
+
+    def diff(self) -> str:
+        return "".join(
+            difflib.unified_diff(
+                (self.old or "").splitlines(keepends=True),
+                (self.new or "").splitlines(keepends=True),
+                fromfile=str(self.path) if self.old is not None else "/dev/null",
+                tofile=str(self.path) if self.new is not None else "/dev/null",
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    paths: Paths
+    config: ContainerConfig
+    lower: Path  # the image version the container's layer sits on
+    changes: tuple[FileChange, ...]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def changed(self, template: str) -> bool:
+        """Whether the host file of this template (see render.host_targets) changes."""
+        target = host_targets(self.paths, self.name)[template]
+        return any(c.path == target for c in self.changes)
+
+    @property
+    def needs_restart(self) -> bool:
+        """The container boots with what changed: its guest files, its .nspawn file, its
+        service's ExecStart or its mount. The config file, the socket or the host's
+        .network file need no reboot; nor do resource limits, which `set` changes live."""
+        quiet = {
+            self.config.source,
+            *(
+                host_targets(self.paths, self.name)[t]
+                for t in ("container.socket.j2", "container.network.j2")
+            ),
+        }
+        return any(c.path not in quiet for c in self.changes)
+
+
+def plan(paths: Paths, config: ContainerConfig, config_text: str) -> Plan:
+    """Every file that differs between what `config` renders to and what is installed.
+    `config.source` must be the installed config file's path."""
+    name = config.name
+    installed = _installed_config(paths, name)
+    if installed is not None and installed.image.key != config.image.key:
+        raise ConfigError(
+            config.source,
+            "image",
+            f"{config.image.image!r}: container {name!r} was made from "
+            f"{installed.image.image!r}, and a container's layer cannot move to another image",
+            hint=f"`nspawnctl remove {name}` first (export it to keep its data), then apply",
+        )
+    image = ImageStore(paths.image_dir).find(config.image)
+    rendering = rendering_for(paths, config, image)
+    lower = image.current if image else paths.image_dir / config.image.key / "v1"
+    upper = Layer.of(paths, name).upper
+    wanted: dict[Path, tuple[str, int, bool]] = {config.source: (config_text, 0o644, False)}
+    for file in rendering.host:
+        wanted[Path(file.path)] = (file.text, file.mode, False)
+    for file in rendering.guest:
+        wanted[upper / file.path] = (file.text, file.mode, True)
+    # What an earlier configuration wrote that this one does not (a proxy, the idle
+    # timer): judged by rendering the installed configuration, since the guest's own
+    # files cannot be told apart from ours by looking at them.
+    stale: dict[Path, bool] = {p: False for p in host_targets(paths, name).values() if is_ours(p)}
+    if installed is not None:
+        for file in rendering_for(paths, installed, image).guest:
+            stale[upper / file.path] = True
+    changes = [
+        FileChange(path, old, text, mode, guest)
+        for path, (text, mode, guest) in wanted.items()
+        if (old := _read(path)) != text
+    ]
+    changes += [
+        FileChange(path, old, None, guest=guest)
+        for path, guest in stale.items()
+        if path not in wanted and (old := _read(path)) is not None
+    ]
+    return Plan(paths, config, lower, tuple(changes))
+
+
+def check_listens(paths: Paths, plan: Plan) -> None:
+    """A changed container may not take another container's or the host's ports; the
+    addresses it holds already are its own."""
+    installed = _installed_config(paths, plan.name)
+    own = [listen for _key, listen in installed.listens()] if installed else []
+    others, _broken = load_all(paths)
+    check_conflicts(plan.config, [c for c in others if c.name != plan.name])
+    check_host_ports(
+        plan.config, [h for h in host_listeners() if not any(h.listen.overlaps(o) for o in own)]
+    )
+
+
+def carry_out(systemd: Systemd, plan: Plan, *, restart: bool = True) -> bool:
+    """Write the plan's files, all or none, and make systemd see them. A running
+    container that boots with what changed is powered off first and booted again after
+    (unless `restart` is false: then it takes the change at its next boot). Returns
+    whether the container was restarted."""
+    if not plan.changes:
+        return False
+    name, paths = plan.name, plan.paths
+    for change in plan.changes:
+        if not change.guest and change.path != plan.config.source:  # the YAML is the user's
+            check_writable(change.path)
+    reboot = restart and plan.needs_restart and is_running(systemd, name)
+    if reboot:
+        log.info("restarting %s: it boots with what changed", name)
+        stop_container(systemd, name)
+        # The mount too: a changed layer is written while nothing has it mounted.
+        systemd.stop(mount_unit(paths.machine_dir(name)))
+    layer = Layer.of(paths, name)
+    undo = Undo()
+    with undo.guard():
+        for change in plan.changes:
+            undo.push(str(change.path), lambda c=change: _put_back(c))  # type: ignore[misc]
+            if change.new is None:
+                remove_file(change.path)
+            elif change.guest:
+                # Owned by the guest's root, in the layer's uid range (userns.py).
+                relative = change.path.relative_to(layer.upper)
+                layer.write(relative, change.new, change.mode, plan.lower)
+            else:
+                write_atomic(change.path, change.new, change.mode)
+        undo.push("daemon-reload", systemd.reload)
+        systemd.reload()
+        if plan.changed("container.socket.j2"):
+            # New addresses are bound by a fresh start of the socket; the guest keeps
+            # the sockets it was given until its next boot.
+            systemd.stop(socket_unit(name))
+            systemd.start(socket_unit(name))
+    if plan.changed("container.network.j2"):
+        reload_networkd(systemd, name)
+    if reboot:
+        systemd.start(service_unit(name))
+    return reboot
+
+
+def _installed_config(paths: Paths, name: str) -> ContainerConfig | None:
+    try:
+        return load_config(name, paths.config_file(name))
+    except ConfigError:
+        return None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise OperationError(f"cannot read {path}: {err}") from None
+
+
+def _put_back(change: FileChange) -> None:
+    if change.old is None:
+        remove_file(change.path)
+    else:
+        write_atomic(change.path, change.old, change.mode)

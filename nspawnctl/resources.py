@@ -1,0 +1,121 @@
+"""Resource limits: the `resources:` keys, as systemd properties of the container's unit.
+
+One table says, for each key, how its value is read, what systemd calls it in a unit
+file, and how it is passed over D-Bus, so that `add` (a drop-in) and `set` (a live
+SetUnitProperties call) can never disagree."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+# Binary multiples, as systemd reads MemoryMax= (1K = 1024).
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
+_PERCENT_RE = re.compile(r"^(\d+)\s*%$")
+_MIN_MEMORY = 16 << 20  # less cannot boot systemd, sshd and a shell
+_MAX_TASKS = 4194304  # the kernel's pid_max limit
+
+
+def parse_size(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE_RE.match(str(value).strip())
+        if not match or not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a size; e.g. 512M, 2G or bytes")
+        size = int(match.group(1)) * _SIZE_SUFFIXES[match.group(2).upper()]
+    if size < _MIN_MEMORY:
+        raise ValueError(f"{value!r} is less than 16M, too little to boot a container")
+    if size >= 1 << 60:
+        raise ValueError(f"{value!r} is more memory than any machine has")
+    return size
+
+
+def parse_cpu(value: object) -> int:
+    match = _PERCENT_RE.match(value.strip()) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"{value!r} is not a percentage of one CPU; e.g. 50% or 200%")
+    percent = int(match.group(1))
+    if not 1 <= percent <= 100 * 1024:
+        raise ValueError(f"{value!r}: expected 1% to 102400% (100% is one whole CPU)")
+    return percent
+
+
+def _integer(low: int, high: int, example: str) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a whole number; e.g. {example}")
+        if not low <= value <= high:
+            raise ValueError(f"{value!r}: expected {low} to {high}")
+        return value
+
+    return parse
+
+
+def _format_size(size: int) -> str:
+    for suffix in "TGMK":
+        if size % _SIZE_SUFFIXES[suffix] == 0:
+            return f"{size // _SIZE_SUFFIXES[suffix]}{suffix}"
+    return str(size)
+
+
+@dataclass(frozen=True)
+class _Key:
+    parse: Callable[[object], int]
+    unit_name: str  # in a unit file
+    unit_value: Callable[[int], str]
+    yaml_value: Callable[[int], Any]
+    # Over D-Bus: the property's name and signature, and the value in its units.
+    bus_name: str
+    bus_value: Callable[[int], int]
+
+
+KEYS: dict[str, _Key] = {
+    "memory": _Key(parse_size, "MemoryMax", str, _format_size, "MemoryMax", int),
+    "cpu": _Key(
+        parse_cpu,
+        "CPUQuota",
+        lambda p: f"{p}%",
+        lambda p: f"{p}%",
+        # CPUQuota=50% is half a second of CPU time per second.
+        "CPUQuotaPerSecUSec",
+        lambda p: p * 10_000,
+    ),
+    "tasks": _Key(_integer(16, _MAX_TASKS, "512"), "TasksMax", str, int, "TasksMax", int),
+    "io_weight": _Key(_integer(1, 10_000, "100"), "IOWeight", str, int, "IOWeight", int),
+}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Limits of the container's unit (and so of everything in the container); None is
+    systemd's default: no limit, or the default weight."""
+
+    memory: int | None = None  # bytes
+    cpu: int | None = None  # percent of one CPU
+    tasks: int | None = None
+    io_weight: int | None = None
+
+    def items(self) -> Iterator[tuple[str, int]]:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                yield field.name, value
+
+    def unit_lines(self) -> list[str]:
+        """`Name=value` lines for the [Service] section of the container's unit."""
+        return [f"{KEYS[k].unit_name}={KEYS[k].unit_value(v)}" for k, v in self.items()]
+
+    def bus_properties(self) -> list[tuple[str, int]]:
+        """(property, value) pairs for SetUnitProperties; every one has signature `t`."""
+        return [(KEYS[k].bus_name, KEYS[k].bus_value(v)) for k, v in self.items()]
+
+    def yaml_data(self) -> dict[str, Any]:
+        return {k: KEYS[k].yaml_value(v) for k, v in self.items()}
+
+    def with_value(self, key: str, raw: object) -> Resources:
+        """A copy with one key changed; ValueError names what is wrong with `raw`."""
+        return replace(self, **{key: KEYS[key].parse(raw)})
