@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from nspawnctl.bus import Systemd
@@ -16,17 +18,33 @@ from nspawnctl.install import (
     is_ours,
     remove_file,
     remove_tree,
+    restore_file,
     verify_units,
     write_atomic,
 )
-from nspawnctl.layers import Layer, check_upper_filesystem, mounted_lower
+from nspawnctl.layers import (
+    Layer,
+    check_upper_filesystem,
+    mounted_lower,
+    reown_layer,
+    used_uid_bases,
+)
 from nspawnctl.log import log
-from nspawnctl.names import mount_unit, service_unit, socket_unit
+from nspawnctl.names import lower_unit, mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.ports import check_host_ports, host_listeners
 from nspawnctl.render import MachineState, Rendering, host_targets, render
 from nspawnctl.run import run
-from nspawnctl.store import Image, ImageStore
+from nspawnctl.store import Image, ImageStore, refuse_host_symlinks
+from nspawnctl.userns import (
+    allocate,
+    allocation_lock,
+    check_idmap_support,
+    guest_view,
+    idmapped_lowers,
+    unmount,
+    version_of,
+)
 
 
 def config_names(paths: Paths) -> list[str]:
@@ -46,16 +64,26 @@ def load_all(paths: Paths) -> tuple[list[ContainerConfig], list[ConfigError]]:
 
 def machine_id(paths: Paths, name: str) -> str | None:
     """The container's own machine-id; it lives in its layer, so no mount is needed."""
+    return layer_machine_id(Layer.of(paths, name))
+
+
+def layer_machine_id(layer: Layer) -> str | None:
     try:
-        text = (Layer.of(paths, name).upper / "etc/machine-id").read_text().strip()
+        text = (layer.upper / "etc/machine-id").read_text().strip()
     except OSError:
         return None
     return text or None
 
 
 def units_of(paths: Paths, name: str) -> list[str]:
-    """A container's units on the host: its socket, its service, its root's mount."""
-    return [socket_unit(name), service_unit(name), mount_unit(paths.machine_dir(name))]
+    """A container's units on the host: its socket, its service, its root's mount, the
+    ID-mapped view of its image (with a user namespace)."""
+    return [
+        socket_unit(name),
+        service_unit(name),
+        mount_unit(paths.machine_dir(name)),
+        lower_unit(name),
+    ]
 
 
 def is_installed(paths: Paths, name: str) -> bool:
@@ -67,19 +95,95 @@ def users_of(paths: Paths, image: Image) -> list[ContainerConfig]:
     return [c for c in configs if c.image.key == image.key]
 
 
-def rendering_for(paths: Paths, config: ContainerConfig, image: Image | None = None) -> Rendering:
-    """What `add` writes; an existing container keeps its machine-id. Without the image
-    at hand, the version it would get is shown (v1 if it is not built yet)."""
+def rendering_for(
+    paths: Paths,
+    config: ContainerConfig,
+    image: Image | None = None,
+    *,
+    known_id: str | None = None,
+    uid_base: int | None = None,
+    version: Path | None = None,
+) -> Rendering:
+    """What `add` writes; an existing container keeps its machine-id (or `known_id`, the
+    one of a layer not in place yet) and its uid range (or `uid_base`). It goes on the
+    image's current version, or on `version`. Without the image at hand, the version it
+    would get is shown (v1 if it is not built yet)."""
     if image is None:
         image = ImageStore(paths.image_dir).find(config.image)
-    lower = image.current if image else paths.image_dir / config.image.key / "v1"
-    state = MachineState(machine_id(paths, config.name) or uuid.uuid4().hex, lower)
+    lower = version or (image.current if image else paths.image_dir / config.image.key / "v1")
+    state = MachineState(
+        known_id or machine_id(paths, config.name) or uuid.uuid4().hex,
+        lower,
+        uid_base_for(paths, config) if uid_base is None else uid_base,
+    )
     return render(config, paths, state)
 
 
-def add(paths: Paths, config: ContainerConfig, config_text: str) -> None:
+def installed_uid_base(paths: Paths, name: str) -> int:
+    """The uid range the container's layer is in now (0: none, or no layer)."""
+    with contextlib.suppress(OSError):
+        return Layer.of(paths, name).uid_base
+    return 0
+
+
+def uid_base_for(paths: Paths, config: ContainerConfig, *, keep: Layer | None = None) -> int:
+    """Host uid of the container's root: 0 without a user namespace; else the range its
+    layer (or the layer `keep` it is about to take) is in, if it has one and no other
+    container has it; else a free one."""
+    if not config.security.user_namespace:
+        return 0
+    own = keep or Layer.of(paths, config.name)
+    used = used_uid_bases(Layer.directory(paths), but={config.name, own.path.name})
+    with contextlib.suppress(OSError):
+        if own.uid_base and own.uid_base not in used:
+            return own.uid_base
+    return allocate(config.name, used)
+
+
+def installed_lower(paths: Paths, name: str) -> Path | None:
+    """The image version the installed mount unit puts the container's root on: the one
+    it runs on, or starts on next."""
+    try:
+        text = host_targets(paths, name)["container.mount.j2"].read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Options="):
+            for option in line.removeprefix("Options=").split(","):
+                if option.startswith("lowerdir="):
+                    return version_of(Path(option.removeprefix("lowerdir=")))
+    return None
+
+
+@contextlib.contextmanager
+def merged_view(paths: Paths, name: str) -> Iterator[Path]:
+    """A stopped container's whole tree, read-only: its layer stacked over its image."""
+    root = paths.machine_dir(name)
+    layer = Layer.of(paths, name)
+    if not layer.upper.is_dir():
+        raise UsageError(f"no container {name!r}", hint="see `nspawnctl list`")
+    if mounted_lower(root) is not None:
+        raise UsageError(f"{name} is running", hint=f"`nspawnctl stop {name}` first")
+    config = load_config(name, paths.config_file(name))
+    lower = installed_lower(paths, name) or ImageStore(paths.image_dir).ensure(config.image).current
+    with contextlib.ExitStack() as stack:
+        # Owners as the guest sees them: its layer's files are in its uid range on disk.
+        upper = stack.enter_context(guest_view(layer.upper, layer.uid_base))
+        view = stack.enter_context(tempfile.TemporaryDirectory(prefix="nspawnctl-view-"))
+        run(["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={upper}:{lower}", view])
+        try:
+            yield Path(view)
+        finally:
+            run(["umount", view])
+
+
+def add(
+    paths: Paths, config: ContainerConfig, config_text: str, *, layer_from: Layer | None = None
+) -> None:
     """Install a container: its layer, its host units, its config; then start its socket.
-    On any failure everything done so far is taken back."""
+    On any failure everything done so far is taken back. `layer_from`: a layer to take
+    (a restored backup, on the same file system), with its machine-id and host key;
+    nspawnctl's own files in it are written anew."""
     name = config.name
     layer = Layer.of(paths, name)
     if is_installed(paths, name) or layer.path.exists():
@@ -105,15 +209,19 @@ def add(paths: Paths, config: ContainerConfig, config_text: str) -> None:
     config_path = paths.config_file(name)
     with Systemd.connect() as systemd:  # no systemd, no work: fail before writing anything
         image = ImageStore(paths.image_dir).ensure(config.image)
-        rendering = rendering_for(paths, config, image)
+        uid_base = uid_base_for(paths, config, keep=layer_from)
+        if uid_base:
+            check_idmap_support(image.current)
+        known_id = layer_machine_id(layer_from) if layer_from else None
+        rendering = rendering_for(paths, config, image, known_id=known_id, uid_base=uid_base)
         verify_units(rendering.host, [socket_unit(name), service_unit(name)])
         undo = Undo()
         with undo.guard():
             if not _same_text(config_path, config_text):
                 previous = config_path.read_text() if config_path.exists() else None
                 write_atomic(config_path, config_text)
-                undo.push("config", lambda: _restore(config_path, previous))
-            create_layer(layer, rendering, image.current, name)
+                undo.push("config", lambda: restore_file(config_path, previous))
+            create_layer(layer, rendering, image.current, name, uid_base, base=layer_from)
             undo.push("layer", lambda: remove_tree(layer.path))
             if not root.exists():
                 root.mkdir(parents=True)
@@ -126,7 +234,7 @@ def add(paths: Paths, config: ContainerConfig, config_text: str) -> None:
             undo.push("socket", lambda: _stop_and_forget(systemd, socket_unit(name)))
             systemd.start(socket_unit(name))
         if config.network.gateway is not None:
-            _reload_networkd(systemd, config.name)
+            reload_networkd(systemd, config.name)
     log.info(
         "added %s: %s listens on %s; the container boots on the first connection",
         name,
@@ -135,7 +243,7 @@ def add(paths: Paths, config: ContainerConfig, config_text: str) -> None:
     )
 
 
-def _reload_networkd(systemd: Systemd, name: str) -> None:
+def reload_networkd(systemd: Systemd, name: str) -> None:
     """The host side of a static address is systemd-networkd's job."""
     if systemd.states(["systemd-networkd.service"])["systemd-networkd.service"].active != "active":
         log.warning(
@@ -147,34 +255,65 @@ def _reload_networkd(systemd: Systemd, name: str) -> None:
     run(["networkctl", "reload"])
 
 
-def create_layer(layer: Layer, rendering: Rendering, lower: Path, name: str) -> None:
-    """The container's own files, in a layer built aside and then renamed into place."""
-    staging = Layer(layer.path.with_name(f".{name}.new-{os.getpid()}"))
+def create_layer(
+    layer: Layer,
+    rendering: Rendering,
+    lower: Path,
+    name: str,
+    uid_base: int,
+    *,
+    base: Layer | None = None,
+) -> None:
+    """The container's own files, in a layer built aside (or in `base`, which this takes
+    over, deleting it on failure) and then renamed into place, owned by the container's
+    uid range `uid_base` (see userns.py)."""
+    staging = base or Layer(layer.path.with_name(f".{name}.new-{os.getpid()}"))
+    host_key = "etc/ssh/ssh_host_ed25519_key"
     try:
-        staging.upper.mkdir(parents=True)
-        staging.work.mkdir()
+        if base is None:
+            staging.upper.mkdir(parents=True)
+            staging.work.mkdir()
+        else:
+            # Written from the host: no link on the way may lead out of the layer.
+            own = [str(f.path) for f in rendering.guest]
+            refuse_host_symlinks(staging.upper, f"layer of {name}", [*own, host_key])
         for file in rendering.guest:
-            directory = staging.make_dirs(Path(file.path).parent, lower)
-            write_atomic(directory / file.path.name, file.text, file.mode)
+            staging.write(file.path, file.text, file.mode, lower)
         staging.make_dirs(Path("etc/ssh"), lower)
-        run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                f"root@{name}",
-                "-f",
-                staging.upper / "etc/ssh/ssh_host_ed25519_key",
-            ]
-        )
-        staging.path.rename(layer.path)
+        if not (staging.upper / host_key).exists():
+            _make_host_key(staging, name)
+        with allocation_lock(layer.path.parent):
+            # Another `add` may have taken the range since it was chosen.
+            if uid_base in used_uid_bases(layer.path.parent, but={name, staging.path.name}):
+                raise OperationError(
+                    f"uid range {uid_base} was taken by another container meanwhile",
+                    hint="run the command again",
+                )
+            reown_layer(staging, uid_base)
+            staging.path.rename(layer.path)
     except BaseException:
         remove_tree(staging.path)
         raise
+
+
+def _make_host_key(staging: Layer, name: str) -> None:
+    run(
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            f"root@{name}",
+            "-f",
+            staging.upper / "etc/ssh/ssh_host_ed25519_key",
+        ]
+    )
+    base = staging.uid_base  # of a layer taken over: keys for its guest's root
+    for key in (staging.upper / "etc/ssh").glob("ssh_host_ed25519_key*"):
+        os.chown(key, base, base)
 
 
 def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
@@ -202,12 +341,15 @@ def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
             remove_file(path)
         systemd.reload()
         if network_file:
-            _reload_networkd(systemd, name)
+            reload_networkd(systemd, name)
     if mounted_lower(root) is not None:
         raise OperationError(
             f"{root} is still mounted; its layer is kept",
             hint=f"see `systemctl status {mount_unit(root)}`, then remove again",
         )
+    with contextlib.suppress(OSError):  # no layer: nothing was ever mounted for it
+        if base := layer.uid_base:
+            unmount([lower for lower in idmapped_lowers() if lower.base == base])
     mid = machine_id(paths, name)
     if mid:  # the guest's journal, kept on the host by systemd-nspawn --link-journal=try-host
         journal = paths.journal_dir / mid
@@ -222,6 +364,22 @@ def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
     with contextlib.suppress(FileNotFoundError):
         config_path.unlink()
     log.info("removed %s%s", name, f" (kept its layer {layer.path})" if keep_rootfs else "")
+
+
+def is_running(systemd: Systemd, name: str) -> bool:
+    service = service_unit(name)
+    return systemd.states([service])[service].active in ("active", "activating", "reloading")
+
+
+def stop_container(systemd: Systemd, name: str) -> None:
+    """Power the container off; its socket keeps listening, so the next connection
+    boots it again."""
+    service = service_unit(name)
+    if systemd.states([service])[service].active == "activating":
+        # systemd runs ExecStop= (which lets the guest hand accepted connections over
+        # cleanly) only for a service that finished starting: let the boot finish.
+        systemd.start(service)
+    systemd.stop(service)
 
 
 def _stop_and_forget(systemd: Systemd, unit: str) -> None:
@@ -239,10 +397,3 @@ def _same_text(path: Path, text: str) -> bool:
         return path.read_text() == text
     except OSError:
         return False
-
-
-def _restore(path: Path, previous: str | None) -> None:
-    if previous is None:
-        path.unlink(missing_ok=True)
-    else:
-        write_atomic(path, previous)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 # A machine name becomes a directory, a unit instance, a hostname and part of unit
 # names; the DNS label rules keep it safe in all four (no '/', no '..', no '@').
-_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+# `\Z`, not `$`: `$` also matches before a trailing newline ("web\n").
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
 
 def check_machine_name(name: str) -> None:
@@ -42,6 +43,12 @@ def socket_unit(name: str) -> str:
 
 def service_unit(name: str) -> str:
     return f"systemd-nspawn@{name}.service"
+
+
+def lower_unit(name: str) -> str:
+    """The unit that makes the ID-mapped view of the image for a user namespace. An
+    instance name (with no template behind it): no container name can reach it."""
+    return f"nspawnctl-lower@{name}.service"
 
 
 def mount_unit(path: Path) -> str:

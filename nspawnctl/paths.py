@@ -38,8 +38,9 @@ class Paths:
         values = {attr: Path(env.get(var) or default) for attr, var, default in _LOCATIONS}
         if config_dir is not None:
             values["config_dir"] = config_dir
-        # Units name these paths, and systemd takes only absolute ones.
-        values = {attr: path.absolute() for attr, path in values.items()}
+        # Units name these paths, and systemd takes only absolute, normalized ones
+        # (SourcePath=/etc/x/../nspawnctl/web.yaml is ignored: "not normalized").
+        values = {attr: Path(os.path.normpath(path.absolute())) for attr, path in values.items()}
         return cls(**values)
 
     @property

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nspawnctl import backup
+from nspawnctl.backup import Snapshot
 from nspawnctl.bus import Systemd
-from nspawnctl.container import rendering_for, users_of
+from nspawnctl.container import installed_uid_base, rendering_for, users_of
 from nspawnctl.errors import UsageError
 from nspawnctl.install import write_atomic
 from nspawnctl.layers import Layer, overlay_lowers
@@ -16,6 +18,7 @@ from nspawnctl.paths import Paths
 from nspawnctl.recipe import Recipe
 from nspawnctl.render import host_targets
 from nspawnctl.store import Image, ImageStore
+from nspawnctl.userns import idmapped_lowers, unmount
 
 _UPGRADE = {
     "debootstrap": [
@@ -35,6 +38,7 @@ class UpdateReport:
     restart: list[str]  # running containers still on an older version
     conflicts: dict[str, list[str]]  # container -> files it changed that the update changed too
     collected: list[Path]  # versions deleted because nothing uses them any more
+    snapshots: list[Snapshot]  # taken before the update, one per container of the image
 
 
 def default_command(recipe: Recipe) -> list[str]:
@@ -47,21 +51,39 @@ def default_command(recipe: Recipe) -> list[str]:
         ) from None
 
 
-def update_image(paths: Paths, image: Image, command: Sequence[str]) -> UpdateReport:
+def update_image(
+    paths: Paths, image: Image, command: Sequence[str], *, snapshot: bool = True
+) -> UpdateReport:
     store = ImageStore(paths.image_dir)
-    old, new = store.update(image, command)
-    image = store.get(image.key)
     users = users_of(paths, image)
-    renderings = {c.name: rendering_for(paths, c, image) for c in users}
+    # So that a bad update can be undone, container by container (`nspawnctl rollback`):
+    # each snapshot names the version it sat on, which is kept while it exists.
+    names = [c.name for c in users] if snapshot else []
+    taken = backup.before_update(paths, names, image.next_version)
+    try:
+        old, new = store.update(image, command)
+    except BaseException:
+        backup.discard(taken)
+        raise
+    backup.drop_earlier(paths, taken)
+    image = store.get(image.key)
+    # As installed: the uid range of each layer (a change of `security.user_namespace`
+    # is `apply`'s business, which moves the layer too).
+    renderings = {
+        c.name: rendering_for(paths, c, image, uid_base=installed_uid_base(paths, c.name))
+        for c in users
+    }
     # Each user's mount unit now names the new version; it takes effect at the next
     # mount, i.e. the container's next start. A running container is not touched. Only
-    # the mount unit: the rest must stay as installed, matching the guest's own files.
+    # the mount unit (and with a user namespace the unit of the ID-mapped view of the
+    # image): the rest must stay as installed, matching the guest's own files.
     with Systemd.connect() as systemd:
         for name, rendering in renderings.items():
-            mount = host_targets(paths, name)["container.mount.j2"]
+            targets = host_targets(paths, name)
+            image_units = {targets["container.mount.j2"], targets["container.lower.j2"]}
             for file in rendering.host:
-                if Path(file.path) == mount:
-                    write_atomic(mount, file.text, file.mode)
+                if Path(file.path) in image_units:
+                    write_atomic(Path(file.path), file.text, file.mode)
         systemd.reload()
     lowers = overlay_lowers()
     restart = sorted(
@@ -74,10 +96,27 @@ def update_image(paths: Paths, image: Image, command: Sequence[str]) -> UpdateRe
         )
         for name, rendering in renderings.items()
     }
-    # Every mounted version, whoever mounted it (even a container whose YAML is broken).
-    in_use = set(lowers.values())
+    # Every mounted version, whoever mounted it (even a container whose YAML is broken),
+    # and every version a snapshot sat on.
+    in_use = set(lowers.values()) | backup.versions_in_use(paths)
+    # ID-mapped binds of this image's older versions that no container runs on: each
+    # container's next start binds the new one.
+    unmount(
+        [
+            bind
+            for bind in idmapped_lowers()
+            if bind.version.parent == image.path
+            and bind.version != new
+            and bind.version not in lowers.values()
+        ]
+    )
     return UpdateReport(
-        old, new, restart, {k: v for k, v in conflicts.items() if v}, store.collect(image, in_use)
+        old,
+        new,
+        restart,
+        {k: v for k, v in conflicts.items() if v},
+        store.collect(image, in_use),
+        taken,
     )
 
 

@@ -44,6 +44,7 @@ def leftovers(host: TestHost, name: str) -> list[str]:
         f"/etc/systemd/system/systemd-nspawn@{name}.service.d",
         f"/etc/systemd/nspawn/{name}.nspawn",
         f"/etc/systemd/system/var-lib-machines-{name}.mount",
+        f"/etc/systemd/system/nspawnctl-lower@{name}.service",
         f"/var/lib/nspawnctl/layers/{name}",
     ]
     found = host.run(
@@ -66,6 +67,7 @@ def leftovers(host: TestHost, name: str) -> list[str]:
             f"nspawnctl-{name}.socket",
             f"systemd-nspawn@{name}.service",
             f"var-lib-machines-{name}.mount",
+            f"nspawnctl-lower@{name}.service",
         ]
     ).stdout.strip()
     return found.split() + loaded.splitlines()

@@ -11,6 +11,7 @@ from nspawnctl.paths import Paths
 from nspawnctl.render import GENERATED_MARK, MachineState, Rendering, render
 
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
+UID_BASE = 0x00AB0000  # the guest's root on the host
 
 
 def unit(text: str) -> configparser.RawConfigParser:
@@ -23,7 +24,7 @@ def unit(text: str) -> configparser.RawConfigParser:
 def render_web(pubkey: Path) -> Rendering:
     ssh = {"listen": "127.0.0.1:2200", "authorized_keys": [str(pubkey)]}
     config = parse_config("web", {"hostname": "www", "ssh": ssh}, Path("/etc/nspawnctl/web.yaml"))
-    state = MachineState(MACHINE_ID, Path("/var/lib/nspawnctl/images/debian-x/v3"))
+    state = MachineState(MACHINE_ID, Path("/var/lib/nspawnctl/images/debian-x/v3"), UID_BASE)
     return render(config, Paths.from_env({}), state)
 
 
@@ -73,7 +74,8 @@ def test_service_drop_in_boots_this_machine(rendering: Rendering) -> None:
     assert exec_start[0] == "ExecStart="  # resets the stock -U --network-veth line
     assert "--machine=web" in exec_start[1] and "--directory=/var/lib/machines/web" in exec_start[1]
     settings = unit(out["/etc/systemd/nspawn/web.nspawn"])
-    assert settings["Exec"]["PrivateUsers"] == "no"
+    assert settings["Exec"]["PrivateUsers"] == str(UID_BASE)
+    assert settings["Exec"]["PrivateUsersOwnership"] == "off"  # never chown the tree
     assert settings["Network"]["Private"] == "yes"
 
 
@@ -81,13 +83,36 @@ def test_root_is_the_layer_over_one_image_version(rendering: Rendering) -> None:
     out = files(rendering)
     mount = unit(out["/etc/systemd/system/var-lib-machines-web.mount"])
     assert mount["Mount"]["Where"] == "/var/lib/machines/web"
+    # The image version through the ID-mapped bind of the guest's uid range.
+    lower = f"/run/nspawnctl/idmap/{UID_BASE}/var/lib/nspawnctl/images/debian-x/v3"
     assert mount["Mount"]["Options"] == (
-        "lowerdir=/var/lib/nspawnctl/images/debian-x/v3,"
+        f"lowerdir={lower},"
         "upperdir=/var/lib/nspawnctl/layers/web/upper,workdir=/var/lib/nspawnctl/layers/web/work"
     )
     assert mount["Unit"]["StopWhenUnneeded"] == "yes"
+    assert mount["Unit"]["Requires"] == mount["Unit"]["After"] == "nspawnctl-lower@web.service"
     drop_in = out["/etc/systemd/system/systemd-nspawn@web.service.d/nspawnctl.conf"]
     assert "Requires=var-lib-machines-web.mount" in drop_in
+    idmap = unit(out["/etc/systemd/system/nspawnctl-lower@web.service"])
+    assert idmap["Unit"]["ConditionPathIsMountPoint"] == f"!{lower}"  # once per boot
+    command = idmap["Service"]["ExecStart"].split()
+    assert command[-3:] == ["/var/lib/nspawnctl/images/debian-x/v3", lower, str(UID_BASE)]
+    assert command[1:3] == ["-I", "-S"]  # a cheap Python start, see idmap.py
+
+
+def test_without_a_user_namespace_the_guest_root_is_the_host_root(pubkey: Path) -> None:
+    data = {"ssh": {"listen": 2222, "authorized_keys": [str(pubkey)]}}
+    data["security"] = {"user_namespace": False, "drop_capabilities": ["net_raw"]}
+    config = parse_config("web", data, Path("/etc/nspawnctl/web.yaml"))
+    r = render(config, Paths.from_env({}), MachineState(MACHINE_ID, Path("/i/v1"), 0))
+    out = files(r)
+    settings = unit(out["/etc/systemd/nspawn/web.nspawn"])
+    assert settings["Exec"]["PrivateUsers"] == "no"
+    assert settings["Exec"]["DropCapability"] == "CAP_NET_RAW"
+    mount = unit(out["/etc/systemd/system/var-lib-machines-web.mount"])
+    assert mount["Mount"]["Options"].startswith("lowerdir=/i/v1,")
+    assert "Requires" not in mount["Unit"]
+    assert "/etc/systemd/system/nspawnctl-lower@web.service" not in out
 
 
 def test_rendering_is_pure(rendering: Rendering, pubkey: Path) -> None:
@@ -108,7 +133,7 @@ def test_sockets_render_host_and_guest_from_one_value(pubkey: Path) -> None:
         "network": {"mode": "zone:apps", "address": "10.8.0.5/24"},
     }
     config = parse_config("web", data, Path("/etc/nspawnctl/web.yaml"))
-    r = render(config, Paths.from_env({}), MachineState(MACHINE_ID, Path("/i/v1")))
+    r = render(config, Paths.from_env({}), MachineState(MACHINE_ID, Path("/i/v1"), UID_BASE))
     out = files(r)
     root = "/var/lib/machines/web"
     host = out["/etc/systemd/system/nspawnctl-web.socket"]
