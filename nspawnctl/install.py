@@ -50,6 +50,14 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
         raise
 
 
+def restore_file(path: Path, previous: str | None) -> None:
+    """Put back a file's previous text, or take it away if there was none (to undo)."""
+    if previous is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_atomic(path, previous)
+
+
 def remove_file(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()

@@ -39,6 +39,11 @@ class Image:
         """The newest version's directory (the root filesystem new mounts use)."""
         return self.path / os.readlink(self.path / "current")
 
+    @property
+    def next_version(self) -> str:
+        """The name `image update` gives the version it makes."""
+        return f"v{int(self.versions()[-1].name[1:]) + 1}"
+
     def versions(self) -> list[Path]:
         return sorted(
             (p for p in self.path.glob("v[0-9]*") if p.name[1:].isdigit()),
@@ -133,7 +138,7 @@ class ImageStore:
         running container still has it mounted."""
         with self.locked():
             old = image.current
-            number = int(image.versions()[-1].name[1:]) + 1
+            number = int(image.next_version[1:])
             staging = image.path / f".v{number}.tmp"
             if staging.exists():  # left by an interrupted update
                 shutil.rmtree(staging)
@@ -218,11 +223,13 @@ _VISITED_BY_HOST = (
 )
 
 
-def refuse_host_symlinks(rootfs: Path, origin: str) -> None:
-    """Refuse a tree where a symlink would lead the image store, working from the host,
-    out of the tree: the host resolves an absolute link to its own files."""
+def refuse_host_symlinks(
+    rootfs: Path, origin: str, visited: Sequence[str] = _VISITED_BY_HOST
+) -> None:
+    """Refuse a tree where a symlink would lead nspawnctl, working from the host on the
+    paths `visited`, out of the tree: the host resolves an absolute link to its own files."""
     root = os.path.realpath(rootfs)
-    for path in _VISITED_BY_HOST:
+    for path in visited:
         parts = Path(path).parts
         for depth in range(1, len(parts) + 1):
             rel = os.path.join(*parts[:depth])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from nspawnctl.bootstrap import Bootstrapper, Progress
@@ -33,8 +34,16 @@ _COMPRESSIONS = {
 # name as written, before it strips `/` or `./`: each spelling needs its pattern.
 # Rarer spellings (`.//dev/x`) get through, and are emptied by the store's sanitize.
 _NOT_EXTRACTED = ("dev", "proc", "sys", "run")
-EXCLUDES = tuple(
-    f"--exclude={prefix}{top}/*" for top in _NOT_EXTRACTED for prefix in ("", "./", "/")
+_SPELLINGS = ("", "./", "/")
+# What `nspawnctl export --full` puts beside the root filesystem (see export.py): its
+# manifest and the container's YAML. An image made of such an archive leaves it out.
+EXPORT_METADATA = ".nspawnctl-export"
+RUNTIME_EXCLUDES = tuple(
+    f"--exclude={prefix}{top}/*" for top in _NOT_EXTRACTED for prefix in _SPELLINGS
+)
+EXCLUDES = (
+    *RUNTIME_EXCLUDES,
+    *(f"--exclude={prefix}{EXPORT_METADATA}" for prefix in _SPELLINGS),
 )
 # Directories the image store reads or changes from the host after every build
 # (store.finish_rootfs). A symlink on their way that leaves the tree, such as
@@ -63,7 +72,7 @@ class Tar(Bootstrapper):
         if not archive.is_file():
             what = "no such file" if not os.path.lexists(archive) else "not a regular file"
             raise OperationError(f"{archive}: {what}", hint=_HINT)
-        option, program = _compression(archive)
+        option, program = compression(archive)
         for tool in ("tar", program):
             if tool and shutil.which(tool) is None:
                 raise OperationError(
@@ -75,33 +84,83 @@ class Tar(Bootstrapper):
 
     def build(self, recipe: Recipe, target: Path, progress: Progress) -> None:
         archive = _source(recipe)
-        option, _program = _compression(archive)
         target.mkdir(mode=0o755)
-        argv: list[str | Path] = [
-            "tar",
-            "--extract",
-            f"--file={archive}",
-            *([option] if option else []),
-            f"--directory={target}",
-            # As the archive says, not as this host's /etc/passwd maps the names.
-            "--numeric-owner",
-            "--same-owner",
-            "--preserve-permissions",
-            # All of them: security.capability is how ping gets CAP_NET_RAW.
-            "--xattrs",
-            "--xattrs-include=*",
-            "--acls",
-            "--anchored",  # dev/* must not match usr/share/dev/...
-            *EXCLUDES,
-        ]
-        proc = run(argv, check=False, progress=progress)
-        if proc.returncode != 0:
-            raise OperationError(
-                f"cannot extract {archive}: {_tar_error(proc.stdout, proc.returncode)}",
-                hint=f"see `tar -tvf {archive}`; tar refuses members that would land "
-                "outside the image (names with '..', links out of the tree)",
-            )
+        extract(archive, target, excludes=EXCLUDES, progress=progress)
         _refuse_nested_tree(target, archive)
+
+
+# Owners as the archive says, not as this host's /etc/passwd maps the names; every
+# extended attribute: security.capability is how ping gets CAP_NET_RAW, and
+# trusted.overlay.* is how a container's layer marks what it deleted.
+_KEEP = ("--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls")
+
+
+def extract(
+    archive: Path,
+    target: Path,
+    members: Sequence[str] = (),
+    *,
+    excludes: Sequence[str] = (),
+    progress: Progress | None = None,
+) -> None:
+    """Extract `members` (default: all) of `archive` into the existing `target`, owners,
+    modes and attributes as the archive has them; OperationError with tar's complaint."""
+    option, _program = compression(archive)
+    argv: list[str | Path] = [
+        "tar",
+        "--extract",
+        f"--file={archive}",
+        *([option] if option else []),
+        f"--directory={target}",
+        *_KEEP,
+        "--same-owner",
+        "--preserve-permissions",
+        *(["--anchored", *excludes] if excludes else []),  # dev/* is not usr/share/dev/*
+        "--",
+        *members,
+    ]
+    # Streamed, even with nobody to show it to: that merges tar's stderr into the output
+    # that _tar_error reads.
+    proc = run(argv, check=False, progress=progress or (lambda _line: None))
+    if proc.returncode != 0:
+        raise OperationError(
+            f"cannot extract {archive}: {_tar_error(proc.stdout, proc.returncode)}",
+            hint=f"see `tar -tvf {archive}`; tar refuses members that would land "
+            "outside the target (names with '..', links out of the tree)",
+        )
+
+
+def create(
+    target: Path,
+    sources: Sequence[tuple[Path, Sequence[str]]],
+    *,
+    excludes: Sequence[str] = (),
+    live: bool = False,
+) -> None:
+    """Write `target`, compressed as its suffix says (.tar, .tar.gz, .tar.zst...), from
+    (directory, members) pairs. It is written as .partial-NAME beside `target` and renamed
+    when complete (the partial name keeps the suffix: tar picks the compressor from it).
+    `live`: the files may change while tar reads them (a running container's); tar says
+    so with exit code 1, which is then no failure."""
+    partial = target.with_name(f".partial-{target.name}")
+    # Sorted: the same tree makes the same archive, whatever order readdir says.
+    argv: list[str | Path] = ["tar", *_KEEP, "--sort=name", "--auto-compress", f"--file={partial}"]
+    argv += ["--anchored", *excludes] if excludes else []
+    argv += ["--warning=no-file-changed"] if live else []
+    argv.append("--create")
+    for directory, members in sources:
+        argv += ["-C", directory, *members]
+    try:
+        proc = run(argv, check=False)
+        if proc.returncode not in ((0, 1) if live else (0,)):
+            raise OperationError(
+                f"cannot write {target}: {_tar_error(proc.stderr, proc.returncode)}",
+                hint="check that its directory exists and has room",
+            )
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _source(recipe: Recipe) -> Path:
@@ -110,7 +169,7 @@ def _source(recipe: Recipe) -> Path:
     return Path(recipe.source).absolute()
 
 
-def _compression(archive: Path) -> tuple[str, str]:
+def compression(archive: Path) -> tuple[str, str]:
     """(tar option, program) for the archive's compression; ("", "") if none."""
     try:
         with archive.open("rb") as file:

@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.set_defaults(handler=handler)
 
 
+_MAX_FILE = 1 << 20
+
+
 def resolve(args: argparse.Namespace, paths: Paths) -> tuple[ContainerConfig, str]:
     """The configuration asked for, and the YAML text to keep in the config directory."""
     name: str = args.name
@@ -53,11 +56,15 @@ def resolve(args: argparse.Namespace, paths: Paths) -> tuple[ContainerConfig, st
         )
     if args.file:
         try:
-            text = args.file.read_text(encoding="utf-8")
+            with args.file.open(encoding="utf-8") as f:
+                # At most 1 MiB: a device such as /dev/zero would be read forever.
+                text = f.read(_MAX_FILE + 1)
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(args.file, "", f"cannot read: {err}") from None
+        if len(text) > _MAX_FILE:
+            raise ConfigError(args.file, "", "is larger than 1 MiB: not a container's YAML")
         config = parse_config(name, load_yaml(text, args.file), args.file)
-        return _kept_as(config, text, config_path)
+        return kept_as(config, text, config_path)
     if flags:
         if config_path.exists():
             raise UsageError(
@@ -93,7 +100,7 @@ def _as_option_error(err: ConfigError) -> UsageError:
     return UsageError(f"{option}: {err.problem}", hint=hint)
 
 
-def _kept_as(config: ContainerConfig, text: str, config_path: Path) -> tuple[ContainerConfig, str]:
+def kept_as(config: ContainerConfig, text: str, config_path: Path) -> tuple[ContainerConfig, str]:
     """A file given with -f is copied as it is, unless it names key files relative to
     its own directory: then its normalised form (keys inline) is kept instead."""
     moved = dataclasses.replace(config, source=config_path)

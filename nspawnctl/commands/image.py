@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-from nspawnctl.container import users_of
+from nspawnctl.bootstrap import tar
+from nspawnctl.container import merged_view, users_of
 from nspawnctl.errors import OperationError, UsageError
-from nspawnctl.layers import Layer, disk_usage, mounted_lower
+from nspawnctl.layers import disk_usage
 from nspawnctl.log import log
 from nspawnctl.names import machine_name
 from nspawnctl.paths import Paths
 from nspawnctl.recipe import TEMPLATE, Recipe, parse_image
-from nspawnctl.run import run
 from nspawnctl.store import ImageStore
 from nspawnctl.update import default_command, update_image
 
@@ -50,6 +46,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         parsers[verb].add_argument(
             "image", metavar="IMAGE", help="as in the YAML (debian:bookworm, template:NAME) or key"
         )
+    parsers["update"].add_argument(
+        "--no-snapshot",
+        dest="snapshot",
+        action="store_false",
+        help="take no pre-update-VERSION snapshot of the image's containers",
+    )
     parsers["update"].add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD")
     parsers["export"].add_argument("file", metavar="FILE", type=Path)
     parsers["import"].add_argument(
@@ -78,32 +80,11 @@ def run_build(args: argparse.Namespace, paths: Paths) -> int:
     elif recipe.method != TEMPLATE:
         raise UsageError("--from makes a template: name it template:NAME")
     else:
-        with _merged_view(paths, args.source) as tree:
+        with merged_view(paths, args.source) as tree:
             source = Recipe(method="directory", name=recipe.name, source=f"container {args.source}")
             image = _store(paths).import_tree(source, tree)
     print(image.path)
     return 0
-
-
-@contextlib.contextmanager
-def _merged_view(paths: Paths, name: str) -> Iterator[Path]:
-    """A stopped container's whole tree, read-only: its layer stacked over its image."""
-    root = paths.machine_dir(name)
-    layer = Layer.of(paths, name)
-    if not layer.upper.is_dir():
-        raise UsageError(f"no container {name!r}", hint="see `nspawnctl list`")
-    if mounted_lower(root) is not None:
-        raise UsageError(f"{name} is running", hint=f"`nspawnctl stop {name}` first")
-    from nspawnctl.config import load_config  # noqa: PLC0415 - only this verb needs it
-
-    config = load_config(name, paths.config_file(name))
-    lower = _store(paths).ensure(config.image).current
-    with tempfile.TemporaryDirectory(prefix="nspawnctl-view-") as view:
-        run(["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={layer.upper}:{lower}", view])
-        try:
-            yield Path(view)
-        finally:
-            run(["umount", view])
 
 
 def run_list(args: argparse.Namespace, paths: Paths) -> int:
@@ -121,7 +102,16 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
 def run_update(args: argparse.Namespace, paths: Paths) -> int:
     image = _store(paths).get(args.image)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    report = update_image(paths, image, command or default_command(image.recipe))
+    command = command or default_command(image.recipe)
+    report = update_image(paths, image, command, snapshot=args.snapshot)
+    if report.snapshots:
+        snap = report.snapshots[0].name
+        log.info(
+            "snapshot %s of %s; undo the update for one with `nspawnctl rollback NAME %s`",
+            snap,
+            " ".join(s.container for s in report.snapshots),
+            snap,
+        )
     log.info("%s: %s is now %s", image.recipe.image, report.old.name, report.new.name)
     if report.restart:
         log.info("running on the old version until restarted: %s", " ".join(report.restart))
@@ -151,28 +141,7 @@ def run_remove(args: argparse.Namespace, paths: Paths) -> int:
 def run_export(args: argparse.Namespace, paths: Paths) -> int:
     image = _store(paths).get(args.image)
     target: Path = args.file.absolute()
-    # The partial file keeps the target's suffix: tar picks the compressor from it.
-    partial = target.with_name(f".partial-{target.name}")
-    try:
-        run(
-            [
-                "tar",
-                "--numeric-owner",
-                "--xattrs",
-                "--xattrs-include=*",
-                "--acls",
-                "--auto-compress",
-                "-C",
-                image.current,
-                "-cf",
-                partial,
-                ".",
-            ]
-        )
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    tar.create(target, [(image.current, ["."])])
     log.info("exported %s (%s) to %s", image.recipe.image, image.current.name, target)
     return 0
 

@@ -45,13 +45,29 @@ def image_cache() -> Path:
     return IMAGE_CACHE
 
 
+@pytest.fixture(scope="module")
+def private_store(image_cache: Path) -> Iterator[Path]:
+    """A private copy of the cached store, for tests that update or import images."""
+    with tempfile.TemporaryDirectory(prefix="nspawnctl-store-", dir="/var/tmp") as tmp:
+        image = cached_image()
+        shutil.copytree(image.path, Path(tmp) / image.key, symlinks=True, copy_function=_copy)
+        yield Path(tmp)
+
+
+def _copy(src: str, dst: str) -> None:
+    shutil.copy2(src, dst, follow_symlinks=False)
+
+
 @contextlib.contextmanager
 def booted_host(images: Path) -> Iterator[TestHost]:
-    """A test host whose image store is `images` and whose container layers live on a
-    real file system of this machine: overlayfs cannot use the host's own overlay root
-    as an upper layer."""
-    with tempfile.TemporaryDirectory(prefix="nspawnctl-layers-", dir="/var/tmp") as layers:
-        binds = [Bind(images, STORE_IN_HOST), Bind(Path(layers), f"{STATE_IN_HOST}/layers")]
+    """A test host whose image store is `images` and whose container layers, and the
+    snapshots of them, live on a real file system of this machine: overlayfs cannot use
+    the host's own overlay root as an upper layer, nor hold a layer's whiteouts."""
+    with tempfile.TemporaryDirectory(prefix="nspawnctl-state-", dir="/var/tmp") as state:
+        binds = [Bind(images, STORE_IN_HOST)]
+        for sub in ("layers", "snapshots"):
+            (Path(state) / sub).mkdir()
+            binds.append(Bind(Path(state) / sub, f"{STATE_IN_HOST}/{sub}"))
         with TestHost(binds=binds) as host:
             host.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", CLIENT_KEY])
             yield host

@@ -4,7 +4,6 @@ image, updated once for all, exported and imported, imported from a directory.""
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from nspawnctl.errors import NspawnctlError
 from nspawnctl.recipe import parse_image, with_bootstrap
 from nspawnctl.store import ImageStore
+from nspawnctl.userns import version_of
 from tests.integration.conftest import (
     CLIENT_KEY,
     STATE_IN_HOST,
@@ -28,23 +28,9 @@ MB = 2**20
 
 
 @pytest.fixture(scope="module")
-def store(image_cache: Path) -> Iterator[Path]:
-    """A private copy of the cached store: these tests update and import images."""
-    with tempfile.TemporaryDirectory(prefix="nspawnctl-store-", dir="/var/tmp") as tmp:
-        image = cached_image()
-        shutil.copytree(
-            image.path, Path(tmp) / image.key, symlinks=True, copy_function=_reflink_or_copy
-        )
-        yield Path(tmp)
-
-
-def _reflink_or_copy(src: str, dst: str) -> None:
-    shutil.copy2(src, dst, follow_symlinks=False)
-
-
-@pytest.fixture(scope="module")
-def host(store: Path) -> Iterator[TestHost]:
-    with booted_host(store) as h:
+def host(private_store: Path) -> Iterator[TestHost]:
+    """These tests update and import images: a store of their own."""
+    with booted_host(private_store) as h:
         yield h
 
 
@@ -84,12 +70,14 @@ def test_six_containers_share_one_image(host: TestHost) -> None:
         {n: f"{b / MB:.2f} MB" for n, b in sizes.items()},
     )
     assert max(sizes.values()) <= 30 * MB
-    # One image on disk for all six: every root is an overlay over the same version.
+    # One image on disk for all six: every root is an overlay over the same version, each
+    # through an ID-mapped bind of its own uid range (user namespaces).
     lowers = set()
     for name in NAMES:
         mount = host.run(["findmnt", "-n", "-o", "OPTIONS", f"/var/lib/machines/{name}"]).stdout
-        lowers.add(re.search(r"lowerdir=([^,]+)", mount).group(1))  # type: ignore[union-attr]
-    assert len(lowers) == 1
+        lowers.add(Path(re.search(r"lowerdir=([^,]+)", mount).group(1)))  # type: ignore[union-attr]
+    assert len(lowers) == len(NAMES)
+    assert len({version_of(lower) for lower in lowers}) == 1
     image_list = nspawnctl(host, "image", "list").stdout
     assert ",".join(NAMES) in image_list
     status = nspawnctl(host, "status", "c1").stdout
@@ -117,7 +105,8 @@ def test_update_once_for_all(host: TestHost) -> None:
     assert ssh(host, 2402, "cat /etc/marker").stdout.strip() == "v2"
     nspawnctl(host, "restart", "c2")
     assert ssh(host, 2401, "cat /etc/marker").stdout.strip() == "mine"
-    # v1 goes once nothing runs on it any more.
+    # v1 goes once nothing runs on it any more and no snapshot names it: this update's
+    # pre-update-v3 snapshots replace those of the first one, and keep v2 instead.
     for name in NAMES:
         nspawnctl(host, "stop", name)
     host.wait_for(
@@ -129,7 +118,7 @@ def test_update_once_for_all(host: TestHost) -> None:
     )
     nspawnctl(host, "image", "update", "debian:bookworm", "--", "true")
     versions = host.run(["sh", "-c", f"ls -d {STATE_IN_HOST}/images/*/v*"]).stdout.split()
-    assert [Path(v).name for v in versions] == ["v3"]
+    assert [Path(v).name for v in versions] == ["v2", "v3"]
 
 
 def test_image_remove_is_refused_while_used(host: TestHost) -> None:

@@ -1,0 +1,129 @@
+"""snapshot, rollback, export, import: a container's own files kept aside, and back."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nspawnctl import backup, export
+from nspawnctl.errors import UsageError
+from nspawnctl.layers import disk_usage
+from nspawnctl.log import log
+from nspawnctl.names import machine_name
+from nspawnctl.paths import Paths
+
+_HELP = {
+    "snapshot": "copy a stopped container's layer and YAML aside (--list, --remove)",
+    "rollback": "put a stopped container back as it was in one of its snapshots",
+    "export": "write a container's YAML and layer (or with --full, its whole tree) to a tar",
+    "import": "make a container again from a file that export wrote",
+}
+_FORCE = "copy it even while it runs (files it writes meanwhile may be torn)"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parsers = {v: sub.add_parser(v, help=h, description=h) for v, h in _HELP.items()}
+    p = parsers["snapshot"]
+    p.add_argument("name", metavar="NAME", type=machine_name)
+    p.add_argument("snapshot", metavar="SNAP", nargs="?", help="default: the date and time")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true", help="list NAME's snapshots")
+    mode.add_argument("--remove", action="store_true", help="delete NAME's snapshot SNAP")
+    p.add_argument("--force", action="store_true", help=_FORCE)
+    p = parsers["rollback"]
+    p.add_argument("name", metavar="NAME", type=machine_name)
+    p.add_argument("snapshot", metavar="SNAP")
+    p = parsers["export"]
+    p.add_argument("name", metavar="NAME", type=machine_name)
+    p.add_argument(
+        "file", metavar="FILE", type=Path, help="compressed as its suffix says: .tar, .tar.zst..."
+    )
+    p.add_argument(
+        "--full", action="store_true", help="the whole tree, layer over image: an image archive"
+    )
+    p.add_argument("--force", action="store_true", help=_FORCE)
+    p = parsers["import"]
+    p.add_argument("file", metavar="FILE", type=Path)
+    p.add_argument(
+        "name", metavar="NAME", nargs="?", type=machine_name, help="default: the exported name"
+    )
+    for verb, parser in parsers.items():
+        parser.set_defaults(handler=globals()[f"run_{verb}"])
+
+
+def run_snapshot(args: argparse.Namespace, paths: Paths) -> int:
+    if args.list or args.remove:
+        option = "--list" if args.list else "--remove"
+        if args.force:
+            raise UsageError(f"--force does not go with {option}")
+        if args.list and args.snapshot:
+            raise UsageError("--list takes no SNAP", hint=f"nspawnctl snapshot --list {args.name}")
+        if args.remove and not args.snapshot:
+            raise UsageError("--remove needs the SNAP to delete")
+    if args.list:
+        _print_list(paths, args.name)
+    elif args.remove:
+        backup.remove_snapshot(paths, args.name, args.snapshot)
+        log.info("removed snapshot %s of %s", args.snapshot, args.name)
+    else:
+        snap = backup.take(
+            paths, args.name, args.snapshot or backup.default_name(), force=args.force
+        )
+        log.info(
+            "snapshot %s of %s%s: %s",
+            snap.name,
+            args.name,
+            " (taken while it ran)" if snap.manifest.live else "",
+            snap.path,
+        )
+        print(snap.name)
+    return 0
+
+
+def _print_list(paths: Paths, name: str) -> None:
+    snapshots = backup.list_snapshots(paths, name)
+    if not snapshots and not paths.config_file(name).exists():
+        raise UsageError(f"no container {name!r}", hint="see `nspawnctl list`")
+    table = [["SNAPSHOT", "CREATED", "SIZE", "IMAGE", "VERSION", "TAKEN"]]
+    for snap in snapshots:
+        m = snap.manifest
+        table.append(
+            [
+                snap.name,
+                m.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                f"{disk_usage(snap.path) / 2**20:.1f}M",
+                m.recipe.image,
+                m.image_version or "-",
+                "running" if m.live else "stopped",
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def run_rollback(args: argparse.Namespace, paths: Paths) -> int:
+    lower = backup.rollback(paths, args.name, args.snapshot)
+    log.info(
+        "%s is back as in snapshot %s, on image version %s", args.name, args.snapshot, lower.name
+    )
+    return 0
+
+
+def run_export(args: argparse.Namespace, paths: Paths) -> int:
+    target: Path = args.file.absolute()
+    manifest = export.export(paths, args.name, target, full=args.full, force=args.force)
+    what = "whole tree" if args.full else "layer"
+    live = " (taken while it ran)" if manifest.live else ""
+    log.info("exported %s's %s and YAML%s to %s", args.name, what, live, target)
+    return 0
+
+
+def run_import(args: argparse.Namespace, paths: Paths) -> int:
+    done = export.import_(paths, args.file, args.name)
+    name = done.config.name
+    if done.manifest.full:
+        log.info("%s runs on the new template %s made of the tree", name, done.config.image.image)
+    elif done.new_identity:
+        log.info("%s has a new machine-id and SSH host key: the exported ones are in use", name)
+    return 0
