@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nspawnctl import __version__
+from nspawnctl import __version__, recovery
 from nspawnctl.commands import (
     add,
     apply,
@@ -26,6 +27,16 @@ from nspawnctl.log import log, setup
 from nspawnctl.paths import Paths, environment_variables
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+_OS_HINT = "nspawnctl changes the host's configuration: run it as root"
+_OS_HINTS = {
+    errno.ENOSPC: "that file system is full: free some space, then run the command again",
+    errno.EDQUOT: "a disk quota is exhausted: free some space, then run the command again",
+    errno.EROFS: "that file system is mounted read-only",
+}
+
+# Verbs that touch nothing on the host, not even to settle an interrupted change.
+_PURE_VERBS = frozenset({"render"})
 
 # In the order `--help` lists them; each module registers its verbs.
 _COMMAND_MODULES = (add, apply, remove, show, lifecycle, settings, logs, exec, which, backup, image)
@@ -80,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup(args.debug)
     paths = Paths.from_env(config_dir=args.config_dir)
     try:
+        if args.verb not in _PURE_VERBS:
+            # A change a killed nspawnctl left half-done is finished or taken back first.
+            recovery.settle(paths)
         return int(args.handler(args, paths))
     except NspawnctlError as err:
         if args.debug:
@@ -96,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             log.exception("traceback")
         print(f"nspawnctl: error: {err}", file=sys.stderr)
-        print("hint: nspawnctl changes the host's configuration: run it as root", file=sys.stderr)
+        print(f"hint: {_OS_HINTS.get(err.errno or 0, _OS_HINT)}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as err:  # a bug: one line, the traceback with --debug
         if args.debug:

@@ -12,16 +12,16 @@ from pathlib import Path
 from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig, check_conflicts, load_config
 from nspawnctl.errors import ConfigError, NspawnctlError, OperationError, UsageError
+from nspawnctl.faults import checkpoint
 from nspawnctl.install import (
-    Undo,
     check_writable,
     is_ours,
     remove_file,
     remove_tree,
-    restore_file,
     verify_units,
     write_atomic,
 )
+from nspawnctl.intent import Step, Transaction
 from nspawnctl.layers import (
     Layer,
     check_upper_filesystem,
@@ -215,23 +215,24 @@ def add(
         known_id = layer_machine_id(layer_from) if layer_from else None
         rendering = rendering_for(paths, config, image, known_id=known_id, uid_base=uid_base)
         verify_units(rendering.host, [socket_unit(name), service_unit(name)])
-        undo = Undo()
-        with undo.guard():
+        # Each step is recorded before it is taken: an error takes them back here, a
+        # kill -9 has the next nspawnctl take them back (intent.py).
+        with Transaction(paths.intent_dir, "add", name, systemd) as change:
             if not _same_text(config_path, config_text):
                 previous = config_path.read_text() if config_path.exists() else None
+                change.step(Step("file", str(config_path), previous))
                 write_atomic(config_path, config_text)
-                undo.push("config", lambda: restore_file(config_path, previous))
+            change.step(Step("tree", str(layer.path)))
             create_layer(layer, rendering, image.current, name, uid_base, base=layer_from)
-            undo.push("layer", lambda: remove_tree(layer.path))
             if not root.exists():
+                change.step(Step("rmdir", str(root)))
                 root.mkdir(parents=True)
-                undo.push("mount point", root.rmdir)
-            undo.push("daemon-reload", systemd.reload)
+            change.step(Step("reload"))
             for file in rendering.host:
+                change.step(Step("file", str(file.path)))  # none of ours was there
                 write_atomic(Path(file.path), file.text, file.mode)
-                undo.push(str(file.path), lambda p=Path(file.path): remove_file(p))  # type: ignore[misc]
             systemd.reload()
-            undo.push("socket", lambda: _stop_and_forget(systemd, socket_unit(name)))
+            change.step(Step("stop", socket_unit(name)))
             systemd.start(socket_unit(name))
         if config.network.gateway is not None:
             reload_networkd(systemd, config.name)
@@ -318,30 +319,54 @@ def _make_host_key(staging: Layer, name: str) -> None:
 
 def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
     targets = list(host_targets(paths, name).values())
-    config_path = paths.config_file(name)
     layer = Layer.of(paths, name)
-    root = paths.machine_dir(name)
-    if not (config_path.exists() or layer.path.exists() or any(p.exists() for p in targets)):
+    if not has_leftovers(paths, name):
         raise UsageError(f"no container {name!r}", hint="see `nspawnctl list`")
     for path in targets:
         if path.exists() and not is_ours(path):
             raise OperationError(f"refusing to remove {path}: it was not written by nspawnctl")
-    with Systemd.connect() as systemd:
-        units = units_of(paths, name)
-        states = systemd.states(units)
-        # The socket first, so that no connection boots the container again meanwhile;
-        # the mount last, once nothing runs on it.
-        for unit in units:
-            if states[unit].load == "loaded":
-                _stop_and_forget(systemd, unit)
-        if systemd.unit_file_state(socket_unit(name)) == "enabled":
-            systemd.disable([socket_unit(name)])
-        network_file = any(p.suffix == ".network" and p.exists() for p in targets)
-        for path in targets:
-            remove_file(path)
-        systemd.reload()
-        if network_file:
-            reload_networkd(systemd, name)
+    options = ("--keep-rootfs",) if keep_rootfs else ()
+    # Once begun, a remove can only go forward: if it is killed, the next nspawnctl
+    # finishes it (intent.py).
+    with (
+        Systemd.connect() as systemd,
+        Transaction(paths.intent_dir, "remove", name, systemd, forward=True, options=options),
+    ):
+        _remove(paths, name, systemd, keep_rootfs=keep_rootfs)
+    log.info("removed %s%s", name, f" (kept its layer {layer.path})" if keep_rootfs else "")
+
+
+def has_leftovers(paths: Paths, name: str) -> bool:
+    """Whether anything of container `name` is on disk: its config, layer or host files."""
+    return (
+        paths.config_file(name).exists()
+        or Layer.of(paths, name).path.exists()
+        or any(p.exists() for p in host_targets(paths, name).values())
+    )
+
+
+def _remove(paths: Paths, name: str, systemd: Systemd, *, keep_rootfs: bool) -> None:
+    targets = list(host_targets(paths, name).values())
+    config_path = paths.config_file(name)
+    layer = Layer.of(paths, name)
+    root = paths.machine_dir(name)
+    units = units_of(paths, name)
+    states = systemd.states(units)
+    # The socket first, so that no connection boots the container again meanwhile;
+    # the mount last, once nothing runs on it.
+    for unit in units:
+        if states[unit].load == "loaded":
+            _stop_and_forget(systemd, unit)
+            checkpoint(f"remove: stopped {unit}")
+    if systemd.unit_file_state(socket_unit(name)) == "enabled":
+        systemd.disable([socket_unit(name)])
+    network_file = any(p.suffix == ".network" and p.exists() for p in targets)
+    for path in targets:
+        remove_file(path)
+        checkpoint(f"remove: deleted {path}")
+    systemd.reload()
+    if network_file:
+        reload_networkd(systemd, name)
     if mounted_lower(root) is not None:
         raise OperationError(
             f"{root} is still mounted; its layer is kept",
@@ -357,13 +382,14 @@ def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:
             journal.unlink()
         elif journal.is_dir():
             remove_tree(journal)
+        checkpoint("remove: deleted the journal")
     if not keep_rootfs:
         remove_tree(layer.path)
+        checkpoint("remove: deleted the layer")
         with contextlib.suppress(FileNotFoundError, OSError):
             root.rmdir()
     with contextlib.suppress(FileNotFoundError):
         config_path.unlink()
-    log.info("removed %s%s", name, f" (kept its layer {layer.path})" if keep_rootfs else "")
 
 
 def is_running(systemd: Systemd, name: str) -> bool:

@@ -47,6 +47,11 @@ class Paths:
     def image_dir(self) -> Path:
         return self.state_dir / "images"
 
+    @property
+    def intent_dir(self) -> Path:
+        """Records of changes in progress (intent.py)."""
+        return self.state_dir / "intents"
+
     def config_file(self, name: str) -> Path:
         return self.config_dir / f"{name}.yaml"
 

@@ -18,7 +18,8 @@ from nspawnctl.container import (
     stop_container,
 )
 from nspawnctl.errors import ConfigError, OperationError
-from nspawnctl.install import Undo, check_writable, is_ours, remove_file, write_atomic
+from nspawnctl.install import check_writable, is_ours, remove_file, write_atomic
+from nspawnctl.intent import Step, Transaction
 from nspawnctl.layers import Layer
 from nspawnctl.log import log
 from nspawnctl.names import mount_unit, service_unit, socket_unit
@@ -132,7 +133,7 @@ def check_listens(paths: Paths, plan: Plan) -> None:
     )
 
 
-def carry_out(systemd: Systemd, plan: Plan, *, restart: bool = True) -> bool:
+def carry_out(systemd: Systemd, plan: Plan, *, restart: bool = True, verb: str = "apply") -> bool:
     """Write the plan's files, all or none, and make systemd see them. A running
     container that boots with what changed is powered off first and booted again after
     (unless `restart` is false: then it takes the change at its next boot). Returns
@@ -150,10 +151,14 @@ def carry_out(systemd: Systemd, plan: Plan, *, restart: bool = True) -> bool:
         # The mount too: a changed layer is written while nothing has it mounted.
         systemd.stop(mount_unit(paths.machine_dir(name)))
     layer = Layer.of(paths, name)
-    undo = Undo()
-    with undo.guard():
+    # Recorded before each write: an error takes them back here, a kill -9 has the next
+    # nspawnctl take them back (intent.py), so the old files come back, never a mix.
+    with Transaction(paths.intent_dir, verb, name, systemd) as transaction:
+        transaction.step(Step("reload"))
         for change in plan.changes:
-            undo.push(str(change.path), lambda c=change: _put_back(c))  # type: ignore[misc]
+            # A guest's file is owned by its root, in the layer's uid range (userns.py).
+            owner = layer.uid_base if change.guest else 0
+            transaction.step(Step("file", str(change.path), change.old, change.mode, owner))
             if change.new is None:
                 remove_file(change.path)
             elif change.guest:
@@ -162,7 +167,6 @@ def carry_out(systemd: Systemd, plan: Plan, *, restart: bool = True) -> bool:
                 layer.write(relative, change.new, change.mode, plan.lower)
             else:
                 write_atomic(change.path, change.new, change.mode)
-        undo.push("daemon-reload", systemd.reload)
         systemd.reload()
         if plan.changed("container.socket.j2"):
             # New addresses are bound by a fresh start of the socket; the guest keeps
@@ -190,10 +194,3 @@ def _read(path: Path) -> str | None:
         return None
     except (OSError, UnicodeDecodeError) as err:
         raise OperationError(f"cannot read {path}: {err}") from None
-
-
-def _put_back(change: FileChange) -> None:
-    if change.old is None:
-        remove_file(change.path)
-    else:
-        write_atomic(change.path, change.old, change.mode)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from nspawnctl.bootstrap import bootstrapper
 from nspawnctl.errors import OperationError, UsageError
+from nspawnctl.faults import checkpoint
 from nspawnctl.log import Progress, log
 from nspawnctl.recipe import TEMPLATE, Recipe
 from nspawnctl.run import run
@@ -144,6 +145,7 @@ class ImageStore:
                 shutil.rmtree(staging)
             try:
                 run(["cp", "-a", "--reflink=auto", old, staging])
+                checkpoint("image update: copied")
                 run(
                     [
                         "systemd-nspawn",
@@ -159,9 +161,11 @@ class ImageStore:
                     ],
                     progress=Progress(f"updating {image.recipe.image}"),
                 )
+                checkpoint("image update: command run")
                 finish_rootfs(staging, image.recipe.image)
                 new = image.path / f"v{number}"
                 staging.rename(new)
+                checkpoint("image update: new version in place")
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -169,6 +173,7 @@ class ImageStore:
             link.unlink(missing_ok=True)
             link.symlink_to(new.name)
             link.rename(image.path / "current")  # atomic: readers see old or new
+            checkpoint("image update: current switched")
         return old, new
 
     def collect(self, image: Image, in_use: set[Path]) -> list[Path]:

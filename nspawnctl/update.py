@@ -10,13 +10,16 @@ from pathlib import Path
 from nspawnctl import backup
 from nspawnctl.backup import Snapshot
 from nspawnctl.bus import Systemd
+from nspawnctl.config import ContainerConfig
 from nspawnctl.container import installed_uid_base, rendering_for, users_of
 from nspawnctl.errors import UsageError
+from nspawnctl.faults import checkpoint
 from nspawnctl.install import write_atomic
+from nspawnctl.intent import Transaction
 from nspawnctl.layers import Layer, overlay_lowers
 from nspawnctl.paths import Paths
 from nspawnctl.recipe import Recipe
-from nspawnctl.render import host_targets
+from nspawnctl.render import Rendering, host_targets
 from nspawnctl.store import Image, ImageStore
 from nspawnctl.userns import idmapped_lowers, unmount
 
@@ -60,31 +63,20 @@ def update_image(
     # each snapshot names the version it sat on, which is kept while it exists.
     names = [c.name for c in users] if snapshot else []
     taken = backup.before_update(paths, names, image.next_version)
-    try:
-        old, new = store.update(image, command)
-    except BaseException:
-        backup.discard(taken)
-        raise
-    backup.drop_earlier(paths, taken)
-    image = store.get(image.key)
-    # As installed: the uid range of each layer (a change of `security.user_namespace`
-    # is `apply`'s business, which moves the layer too).
-    renderings = {
-        c.name: rendering_for(paths, c, image, uid_base=installed_uid_base(paths, c.name))
-        for c in users
-    }
-    # Each user's mount unit now names the new version; it takes effect at the next
-    # mount, i.e. the container's next start. A running container is not touched. Only
-    # the mount unit (and with a user namespace the unit of the ID-mapped view of the
-    # image): the rest must stay as installed, matching the guest's own files.
-    with Systemd.connect() as systemd:
-        for name, rendering in renderings.items():
-            targets = host_targets(paths, name)
-            image_units = {targets["container.mount.j2"], targets["container.lower.j2"]}
-            for file in rendering.host:
-                if Path(file.path) in image_units:
-                    write_atomic(Path(file.path), file.text, file.mode)
-        systemd.reload()
+    # Killed once `current` has moved, the users' units would name the old version: the
+    # next nspawnctl finishes the update (recovery.py), which only repoints them.
+    with (
+        Systemd.connect() as systemd,
+        Transaction(paths.intent_dir, "image-update", image.key, systemd, forward=True),
+    ):
+        try:
+            old, new = store.update(image, command)
+        except BaseException:
+            backup.discard(taken)
+            raise
+        backup.drop_earlier(paths, taken)
+        image = store.get(image.key)
+        renderings = repoint_users(paths, image, users)
     lowers = overlay_lowers()
     restart = sorted(
         c.name for c in users if lowers.get(paths.machine_dir(c.name)) not in (None, new)
@@ -118,6 +110,33 @@ def update_image(
         store.collect(image, in_use),
         taken,
     )
+
+
+def repoint_users(
+    paths: Paths, image: Image, users: Sequence[ContainerConfig] | None = None
+) -> dict[str, Rendering]:
+    """Make each user's mount unit name the image's current version; it takes effect at
+    the next mount, i.e. the container's next start. A running container is not touched.
+    Only the mount unit (and with a user namespace the unit of the ID-mapped view of the
+    image): the rest must stay as installed, matching the guest's own files."""
+    if users is None:
+        users = users_of(paths, image)
+    # As installed: the uid range of each layer (a change of `security.user_namespace`
+    # is `apply`'s business, which moves the layer too).
+    renderings = {
+        c.name: rendering_for(paths, c, image, uid_base=installed_uid_base(paths, c.name))
+        for c in users
+    }
+    with Systemd.connect() as systemd:
+        for name, rendering in renderings.items():
+            targets = host_targets(paths, name)
+            image_units = {targets["container.mount.j2"], targets["container.lower.j2"]}
+            for file in rendering.host:
+                if Path(file.path) in image_units:
+                    write_atomic(Path(file.path), file.text, file.mode)
+                    checkpoint(f"image update: repointed {file.path}")
+        systemd.reload()
+    return renderings
 
 
 def changed_in_both(upper: Path, old: Path, new: Path, own: set[str]) -> list[str]:

@@ -73,7 +73,7 @@ def run_set(args: argparse.Namespace, paths: Paths) -> int:
     config = parse_config(name, data, file)  # every value judged as `add` judges it
     plan = reconcile.plan(paths, config, text)
     with Systemd.connect() as systemd:
-        reconcile.carry_out(systemd, plan, restart=False)
+        reconcile.carry_out(systemd, plan, restart=False, verb="set")
         live = is_running(systemd, name)
         if live:
             _set_live(systemd, name, config.resources, old, set(changes))

@@ -1,0 +1,80 @@
+"""Settling changes that a killed nspawnctl left half-done (see intent.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from nspawnctl import container
+from nspawnctl.bus import Systemd
+from nspawnctl.errors import NspawnctlError
+from nspawnctl.install import remove_tree
+from nspawnctl.intent import Record, abandoned, take_back
+from nspawnctl.log import log
+from nspawnctl.paths import Paths
+from nspawnctl.store import ImageStore
+from nspawnctl.update import repoint_users
+
+
+def settle(paths: Paths) -> list[str]:
+    """Finish or take back every change whose nspawnctl was killed; say what was done."""
+    directory = paths.intent_dir
+    if not directory.is_dir():
+        return []
+    settled = []
+    for path, record in abandoned(directory):
+        if record.forward:
+            # Finishing makes a record of its own; this one goes first, so that a kill
+            # while finishing leaves exactly one record to settle next time.
+            path.unlink(missing_ok=True)
+            _finish(paths, record)
+        else:
+            _take_back(record)  # again from the start if killed: each step is idempotent
+            path.unlink(missing_ok=True)
+        what = "finished" if record.forward else "took back"
+        log.warning("%s an interrupted `%s %s`", what, record.verb, record.name)
+        settled.append(f"{record.verb} {record.name}")
+    _sweep_leftovers(paths)
+    return settled
+
+
+def _finish(paths: Paths, record: Record) -> None:
+    """Changes that can only go forward: `remove` had begun to delete; `image update`
+    had perhaps made a new version current, which the containers' units must name."""
+    try:
+        if record.verb == "remove":
+            if container.is_installed(paths, record.name) or container.has_leftovers(
+                paths, record.name
+            ):
+                keep = "--keep-rootfs" in record.options
+                container.remove(paths, record.name, keep_rootfs=keep)
+        elif record.verb == "image-update":
+            repoint_users(paths, ImageStore(paths.image_dir).get(record.name))
+    except NspawnctlError as err:
+        log.warning("finishing `%s %s`: %s", record.verb, record.name, err.message)
+
+
+def _take_back(record: Record) -> None:
+    with Systemd.connect() as systemd:
+        for step in reversed(record.steps):
+            try:
+                take_back(step, systemd)
+            except (OSError, NspawnctlError) as err:  # keep taking back the rest
+                log.warning("while taking back %s %s: %s", step.kind, step.path, err)
+
+
+def _sweep_leftovers(paths: Paths) -> None:
+    """Hidden leftovers of an interrupted change: a tree renamed away by remove_tree and
+    not yet deleted, a layer still being built aside (create_layer). Only those of a
+    process that is gone: their names end in its pid."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(paths.state_dir / "layers"):
+            stem, _sep, pid = entry.name.rpartition("-")
+            if (
+                entry.name.startswith(".")
+                and (stem.endswith(".removing") or stem.endswith(".new"))
+                and pid.isdigit()
+                and not Path(f"/proc/{pid}").exists()
+            ):
+                remove_tree(Path(entry.path))
