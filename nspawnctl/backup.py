@@ -32,6 +32,7 @@ from nspawnctl.container import (
     layer_machine_id,
     reload_networkd,
     rendering_for,
+    uid_base_for,
 )
 from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.install import (
@@ -42,7 +43,7 @@ from nspawnctl.install import (
     verify_units,
     write_atomic,
 )
-from nspawnctl.layers import Layer, check_upper_filesystem, mounted_lower
+from nspawnctl.layers import Layer, check_upper_filesystem, mounted_lower, reown_layer
 from nspawnctl.log import log
 from nspawnctl.names import service_unit, socket_unit
 from nspawnctl.paths import Paths
@@ -338,14 +339,18 @@ def rollback(paths: Paths, name: str, snap: str) -> Path:
                 name,
                 lower.name,
             )
-        # Only the host's files are used: the guest's are in the snapshot's layer.
+        # Only the host's files are used: the guest's are in the snapshot's layer, which
+        # goes into the uid range the units name (the container's own, normally the one
+        # it had at the snapshot; not if `security.user_namespace` changed since).
+        uid_base = uid_base_for(paths, config)
         rendering = rendering_for(
-            paths, config, known_id=snapshot.manifest.machine_id, version=lower
+            paths, config, known_id=snapshot.manifest.machine_id, version=lower, uid_base=uid_base
         )
         verify_units(rendering.host, [socket_unit(name), service_unit(name)])
         for path in host_targets(paths, name).values():
             check_writable(path)
         _copy_layer(snapshot, staging)
+        reown_layer(staging, uid_base)
         with Systemd.connect() as systemd:
             _swap(
                 paths,
