@@ -54,7 +54,7 @@ from nspawnctl.store import ImageStore
 
 FORMAT = 1  # of manifest.json; a reader refuses a newer one
 PRE_UPDATE = "pre-update-"  # `image update` names its snapshots pre-update-vN
-_SNAPSHOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SNAPSHOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,14 @@ class ConfigError(NspawnctlError):
         *,
         hint: str | None = None,
     ) -> None:
-        where = f"{file}: {key}" if key else str(file)
+        where = f"{_one_line(str(file))}: {_one_line(key)}" if key else _one_line(str(file))
         super().__init__(f"{where}: {problem}", hint=hint)
         self.file = str(file)
         self.key = key
         self.problem = problem
+
+
+def _one_line(text: str) -> str:
+    """A file name or key as the user wrote it, unless it holds a line break or another
+    control character: an error is one line, and its key may come from the YAML."""
+    return text if text.isprintable() else repr(text)

@@ -21,10 +21,10 @@ class Listen:
         if isinstance(value, int):
             return cls(_port(value), protocol=protocol)
         text = value.strip()
-        if text.isdigit():
-            return cls(_port(int(text)), protocol=protocol)
+        if _is_number(text):
+            return cls(_port_of(text), protocol=protocol)
         host, sep, port_text = text.rpartition(":")
-        if not sep or not port_text.isdigit():
+        if not sep or not _is_number(port_text):
             raise ValueError("is not a port or ADDRESS:PORT")
         address: IPAddress
         try:
@@ -35,7 +35,10 @@ class Listen:
         except ipaddress.AddressValueError:
             hint = " (write IPv6 addresses in brackets: [::1]:2222)" if ":" in host else ""
             raise ValueError(f"{host!r} is not an IP address{hint}") from None
-        return cls(_port(int(port_text)), address, protocol)
+        zone = getattr(address, "scope_id", None)
+        if zone:  # fe80::1%eth0: a unit file would read %e as a specifier
+            raise ValueError(f"{host!r}: a zone index (%{zone}) is not supported")
+        return cls(_port_of(port_text), address, protocol)
 
     def unit_value(self) -> str:
         """The value for ListenStream=, identical on the host and in the guest."""
@@ -69,6 +72,17 @@ class Listen:
 
     def __str__(self) -> str:
         return self.unit_value() + ("/udp" if self.protocol == "udp" else "")
+
+
+def _is_number(text: str) -> bool:
+    # ASCII only: str.isdigit() takes "²" (which int() refuses) and "٢٢" too.
+    return text.isascii() and text.isdigit()
+
+
+def _port_of(text: str) -> int:
+    if len(text.lstrip("0")) > 5:  # out of range; and int() refuses more than 4300 digits
+        return _port(0)
+    return _port(int(text))
 
 
 def _port(number: int) -> int:

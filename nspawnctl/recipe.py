@@ -23,8 +23,8 @@ METHODS = ("debootstrap", "dnf", "tar", "directory")
 IMPORT_METHODS = ("tar", "directory")
 TEMPLATE = "template"
 
-_RELEASE_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,31}$")
-_TEMPLATE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_RELEASE_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,31}\Z")
+_TEMPLATE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 
 
 @dataclass(frozen=True)

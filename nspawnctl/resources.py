@@ -13,8 +13,8 @@ from typing import Any
 
 # Binary multiples, as systemd reads MemoryMax= (1K = 1024).
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
-_PERCENT_RE = re.compile(r"^(\d+)\s*%$")
+_SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(?:i?B)?\Z", re.IGNORECASE)
+_PERCENT_RE = re.compile(r"^(\d+)\s*%\Z")
 _MIN_MEMORY = 16 << 20  # less cannot boot systemd, sshd and a shell
 _MAX_TASKS = 4194304  # the kernel's pid_max limit
 
