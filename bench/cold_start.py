@@ -164,10 +164,24 @@ def main() -> int:
                 f"{CLIENT_KEY}.pub",
             ]
         )
+        # The same without a user namespace (security.user_namespace: false): what the
+        # ID-mapped image and PrivateUsers= cost.
+        host.write_file(
+            "/var/tmp/bench-rootns.yaml",
+            f"image: debian:bookworm\nssh: {{listen: 2223, authorized_keys: [{CLIENT_KEY}.pub]}}\n"
+            "security: {user_namespace: false}\n",
+        )
+        nspawnctl = [sys.executable, "-m", "nspawnctl"]
+        host.run([*nspawnctl, "add", "rootns", "-f", "/var/tmp/bench-rootns.yaml"])
         setup_classic(host, rootfs)
         service = "systemd-nspawn@bench.service"
+        rootns = "systemd-nspawn@rootns.service"
         results = [
             ("cold banner, nspawnctl", measure(host, "banner", 2222, service, args.runs)),
+            (
+                "cold banner, nspawnctl, no user namespace",
+                measure(host, "banner", 2223, rootns, args.runs),
+            ),
             (
                 "cold banner, classic hand-written units",
                 measure(host, "banner", 2300, "classic.service", args.runs),
@@ -177,10 +191,15 @@ def main() -> int:
                 measure(host, "command", 2222, service, args.runs),
             ),
             (
+                "cold command (ssh true), nspawnctl, no userns",
+                measure(host, "command", 2223, rootns, args.runs),
+            ),
+            (
                 "cold command (ssh true), classic units",
                 measure(host, "command", 2300, "classic.service", args.runs),
             ),
         ]
+        stop_cold(host, rootns)
         stop_cold(host, "classic.service")
         results.append(("floor: systemd-nspawn /bin/true", floor(host, args.runs)))
         results.append(("warm banner, nspawnctl", warm(host, "banner", 2222, args.runs)))
