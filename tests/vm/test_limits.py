@@ -1,0 +1,203 @@
+"""`resources:` enforced on a real host with a unified cgroup hierarchy: a memory hog,
+a fork bomb and a busy loop are held to their container's limits, while the host and
+another container go on untouched."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from tests.vm.conftest import nspawnctl, ssh, unit_property
+from tests.vm.vmhost import CLIENT_KEY, VM, timed, wait_for
+
+LIMITED, CALM, BUSY = "limited", "calm", "busy"
+PORTS = {LIMITED: 2301, CALM: 2302, BUSY: 2303}
+# The CPU quota has a container of its own: at 20% of an emulated CPU, booting one
+# takes over a minute, so it boots in the background while the other tests run.
+RESOURCES = {
+    LIMITED: "{memory: 128M, tasks: 300, io_weight: 100}",
+    CALM: None,
+    BUSY: "{cpu: 20%}",
+}
+HOST_SERVICES = ("systemd-journald", "dbus", "systemd-logind", "systemd-machined", "systemd-udevd")
+
+
+def cgroup(name: str) -> str:
+    return f"/sys/fs/cgroup/machine.slice/systemd-nspawn@{name}.service"
+
+
+def read(vm: VM, path: str) -> str:
+    return vm.run(["cat", path]).stdout
+
+
+def events(vm: VM, name: str, file: str) -> dict[str, int]:
+    """memory.events, pids.events: `key count` lines."""
+    return {
+        k: int(v)
+        for k, v in (line.split() for line in read(vm, f"{cgroup(name)}/{file}").splitlines())
+    }
+
+
+def leader(vm: VM, name: str) -> str:
+    return vm.run(["machinectl", "show", "--property=Leader", "--value", name]).stdout.strip()
+
+
+def in_container(vm: VM, name: str, unit: str, script: str) -> None:
+    """Start `script` as a unit of the container's own systemd, from the host (cheaper
+    than an SSH login under emulation)."""
+    vm.run(["systemd-run", f"--machine={name}", f"--unit={unit}", "--quiet", "sh", "-c", script])
+
+
+@pytest.fixture(scope="module")
+def containers(vm: VM) -> Iterator[None]:
+    for name, port in PORTS.items():
+        limits = f"resources: {RESOURCES[name]}\n" if RESOURCES[name] else ""
+        vm.write_file(
+            f"/etc/nspawnctl/{name}.yaml",
+            f"image: debian:bookworm\nssh:\n  listen: {port}\n"
+            f"  authorized_keys: [{CLIENT_KEY}.pub]\n{limits}",
+        )
+        with timed(f"nspawnctl add {name}", vm):
+            nspawnctl(vm, "add", name)
+    # Its boot goes on while the others are used; test_cpu_quota waits for it.
+    vm.run(["systemctl", "start", "--no-block", f"systemd-nspawn@{BUSY}.service"])
+    for name in (LIMITED, CALM):
+        with timed(f"first ssh to {name}: boots it", vm):
+            assert ssh(vm, PORTS[name], "hostname").stdout.strip() == name
+    yield
+
+
+def refused_forks(vm: VM) -> list[str]:
+    """The cgroups the kernel has logged a fork refused by a pids limit in."""
+    argv = ["journalctl", "-k", "--no-pager", "-o", "cat", "-g", "fork rejected"]
+    kernel = vm.run(argv, check=False)  # exit code 1: no such line yet
+    found = re.findall(r"fork rejected by pids controller in (\S+)", kernel.stdout)
+    return [f"/sys/fs/cgroup{path}" for path in found]
+
+
+def assert_bystanders_untouched(vm: VM, calm_leader: str) -> None:
+    """The host's own services and the other container went on as if nothing happened."""
+    for service in HOST_SERVICES:
+        assert unit_property(vm, f"{service}.service", "ActiveState") == "active", service
+    assert ssh(vm, PORTS[CALM], "hostname").stdout.strip() == CALM
+    assert leader(vm, CALM) == calm_leader  # the same boot of it, not a restarted one
+    assert events(vm, CALM, "memory.events")["oom_kill"] == 0
+
+
+def test_limits_reach_the_kernel(vm: VM, containers: None) -> None:
+    assert read(vm, f"{cgroup(LIMITED)}/memory.max").strip() == str(128 << 20)
+    assert read(vm, f"{cgroup(LIMITED)}/pids.max").strip() == "300"
+    assert read(vm, f"{cgroup(LIMITED)}/io.weight").strip() == "default 100"
+    assert read(vm, f"{cgroup(BUSY)}/cpu.max").strip() == "20000 100000"
+    assert read(vm, f"{cgroup(LIMITED)}/cpu.max").strip() == "max 100000"
+    assert read(vm, f"{cgroup(CALM)}/memory.max").strip() == "max"
+    assert read(vm, f"{cgroup(CALM)}/pids.max").strip() != "300"  # the stock TasksMax
+
+
+def test_memory_hog_is_oom_killed_inside_its_container(vm: VM, containers: None) -> None:
+    calm_leader, limited_leader = leader(vm, CALM), leader(vm, LIMITED)
+    since = vm.run(["date", "+%Y-%m-%d %H:%M:%S"]).stdout.strip()
+    with timed("memory: 128M hog until the OOM kill", vm):
+        in_container(vm, LIMITED, "hog", "tail /dev/zero")
+        wait_for(
+            lambda: events(vm, LIMITED, "memory.events")["oom_kill"] >= 1,
+            timeout=120,
+            what="the OOM kill in the limited container",
+            interval=1,
+        )
+    kernel = vm.run(["journalctl", "-k", "--no-pager", "-o", "cat", f"--since={since}"]).stdout
+    kills = re.findall(r"oom-kill:.*oom_memcg=(\S+?),task_memcg=(\S+?),task=(\S+?),", kernel)
+    # The kernel's cgroup OOM killer took `tail`, judged against the container's limit.
+    assert kills, kernel
+    assert {(memcg, task) for memcg, _task_memcg, task in kills} == {
+        ("/machine.slice/systemd-nspawn@limited.service", "tail")
+    }
+    assert all(
+        cg.startswith(f"{cgroup(LIMITED).removeprefix('/sys/fs/cgroup')}/") for _m, cg, _t in kills
+    )
+    assert_bystanders_untouched(vm, calm_leader)
+    # One process died, not the container: the same boot of it still serves logins.
+    assert unit_property(vm, "systemd-nspawn@limited.service", "ActiveState") == "active"
+    assert ssh(vm, PORTS[LIMITED], "hostname").stdout.strip() == LIMITED
+    assert leader(vm, LIMITED) == limited_leader
+
+
+def test_fork_bomb_is_stopped_by_the_task_limit(vm: VM, containers: None) -> None:
+    ssh(vm, PORTS[LIMITED], "true")  # running, whatever the tests before left
+    calm_leader = leader(vm, CALM)
+    with timed("tasks: 300 fork bomb until forks fail", vm):
+        # The main process stays (exec: no fork needed), or the unit would end and its
+        # stop would kill the bomb at once.
+        in_container(vm, LIMITED, "bomb", "b() { b | b & }; b; exec sleep infinity")
+        wait_for(
+            lambda: bool(refused_forks(vm)),
+            timeout=120,
+            what="a fork refused in the limited container",
+            interval=1,
+        )
+    # Refused by the container's limit, in the bomb's own cgroup (where the kernel counts).
+    bomb = f"{cgroup(LIMITED)}/payload/system.slice/bomb.service"
+    assert refused_forks(vm) == [bomb]
+    # ... and by the container's limit of 300, not a lower one of the bomb's own unit.
+    own = read(vm, f"{bomb}/pids.max").strip()
+    assert own == "max" or int(own) > 300, own
+    assert int(read(vm, f"{cgroup(LIMITED)}/pids.current")) <= 300
+    vm.run(["systemd-run", "--wait", "--quiet", "true"])  # the host still starts things
+    assert_bystanders_untouched(vm, calm_leader)
+
+    # The container's own systemd is still in charge: it ends the bomb, and the
+    # container serves logins again, in the same boot.
+    limited_leader = leader(vm, LIMITED)
+    with timed("fork bomb stopped by the container's systemd", vm):
+        vm.run(["systemctl", f"--machine={LIMITED}", "stop", "bomb.service"], timeout=300)
+    assert int(read(vm, f"{cgroup(LIMITED)}/pids.current")) < 50
+    assert ssh(vm, PORTS[LIMITED], "hostname").stdout.strip() == LIMITED
+    assert leader(vm, LIMITED) == limited_leader
+
+
+def _usage(vm: VM) -> tuple[float, dict[str, float]]:
+    """(the VM's uptime, CPU seconds of BUSY and CALM), read in one go."""
+    script = 'cat /proc/uptime; for f; do grep usage_usec "$f"; done'
+    paths = [f"{cgroup(name)}/cpu.stat" for name in (BUSY, CALM)]
+    lines = vm.run(["sh", "-c", script, "sh", *paths]).stdout.splitlines()
+    used = {
+        name: int(line.split()[1]) / 1e6 for name, line in zip((BUSY, CALM), lines[1:], strict=True)
+    }
+    return float(lines[0].split()[0]), used
+
+
+def test_cpu_quota_holds_a_busy_loop_near_its_share(vm: VM, containers: None) -> None:
+    with timed("busy (cpu: 20%) finishing its boot", vm):
+        # Until the container's bus is up this fails at once; then it waits for the boot.
+        argv = ["systemctl", f"--machine={BUSY}", "is-system-running", "--wait"]
+        wait_for(
+            lambda: (
+                vm.run(argv, check=False, timeout=300).stdout.strip() in ("running", "degraded")
+            ),
+            timeout=300,
+            what=f"{BUSY} booted",
+            interval=2,
+        )
+    # The same loop in both: the unlimited one shows what the limited one would take.
+    for name in (BUSY, CALM):
+        in_container(vm, name, "spin", "while :; do :; done")
+    try:
+        start, before = _usage(vm)
+        now, after = start, before
+
+        def busy_used_two_seconds() -> bool:
+            nonlocal now, after
+            now, after = _usage(vm)
+            return after[BUSY] - before[BUSY] >= 2.0
+
+        with timed("cpu: 20% measured until 2 s of CPU used", vm):
+            wait_for(busy_used_two_seconds, timeout=120, what="2 s of CPU used", interval=1)
+        share = {name: (after[name] - before[name]) / (now - start) for name in (BUSY, CALM)}
+        print(f"CPU over {now - start:.1f} s: busy {share[BUSY]:.0%}, calm {share[CALM]:.0%}")
+        assert 0.10 <= share[BUSY] <= 0.35
+        assert share[CALM] >= 0.5
+    finally:
+        for name in (BUSY, CALM):
+            vm.run(["systemctl", f"--machine={name}", "stop", "spin.service"])
