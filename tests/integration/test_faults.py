@@ -163,3 +163,30 @@ def test_disk_full_while_adding_is_a_clear_error_and_leaves_nothing(host: TestHo
     assert listing == ""  # not even a hidden half-built layer
     assert leftovers(host, "full") == []
     assert ":2405 " not in host.run(["ss", "-Htln"]).stdout
+
+
+def test_a_killed_container_leaves_its_socket_listening_and_boots_again(host: TestHost) -> None:
+    host.write_file("/root/crash.yaml", yaml_for(2406))
+    nspawnctl(host, "add", "crash", "-f", "/root/crash.yaml")
+    service, socket = "systemd-nspawn@crash.service", "nspawnctl-crash.socket"
+
+    def show(unit: str, prop: str) -> str:
+        return host.run(["systemctl", "show", "-P", prop, unit]).stdout.strip()
+
+    # The nspawn process killed outright, then the guest's init (a guest crash).
+    for victim in ("MainPID", "Leader"):
+        ssh(host, 2406, "echo survived > /root/data")
+        if victim == "MainPID":
+            pid = show(service, "MainPID")
+        else:
+            pid = host.run(
+                ["machinectl", "show", "crash", "--property=Leader", "--value"]
+            ).stdout.strip()
+        host.run(["kill", "-9", pid])
+        host.wait_for(
+            lambda: show(service, "ActiveState") in ("inactive", "failed"),
+            timeout=60,
+            what=f"the container gone after kill -9 of its {victim}",
+        )
+        assert show(socket, "ActiveState") == "active"
+        assert ssh(host, 2406, "hostname; cat /root/data").stdout.split() == ["crash", "survived"]
