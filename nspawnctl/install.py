@@ -77,6 +77,18 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(doomed)
 
 
+def systemd_verify(staging: Path, units: Iterable[str]) -> tuple[int, list[str]]:
+    """`systemd-analyze verify` of `units`, found first in `staging`: its exit code and
+    what it said, line by line."""
+    proc = run(
+        ["systemd-analyze", "verify", "--man=no", *units],
+        check=False,
+        # Trailing ':' appends systemd's own directories after ours.
+        env={"SYSTEMD_UNIT_PATH": f"{staging}:", "SYSTEMD_LOG_LEVEL": "warning"},
+    )
+    return proc.returncode, (proc.stdout + proc.stderr).splitlines()
+
+
 def verify_units(files: Iterable[RenderedFile], units: Iterable[str]) -> None:
     """Let systemd itself judge the rendered units before any of them is installed:
     they are staged in a directory searched before the system's unit directories."""
@@ -89,21 +101,12 @@ def verify_units(files: Iterable[RenderedFile], units: Iterable[str]) -> None:
                 continue  # not units: systemd-analyze has nothing to say about them
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(file.text)
-        proc = run(
-            ["systemd-analyze", "verify", "--man=no", *units],
-            check=False,
-            # Trailing ':' appends systemd's own directories after ours.
-            env={"SYSTEMD_UNIT_PATH": f"{staging}:", "SYSTEMD_LOG_LEVEL": "warning"},
-        )
+        returncode, lines = systemd_verify(Path(staging), units)
         # Complaints about units we did not write (the host's own) are not ours to fix.
-        problems = [
-            ln
-            for ln in (proc.stdout + proc.stderr).splitlines()
-            if staging in ln or any(u in ln for u in units)
-        ]
-        if proc.returncode != 0 or problems:
+        problems = [ln for ln in lines if staging in ln or any(u in ln for u in units)]
+        if returncode != 0 or problems:
             raise OperationError(
-                "systemd rejects the generated units: " + "; ".join(problems or [proc.stderr]),
+                "systemd rejects the generated units: " + "; ".join(problems or lines),
                 hint="this is a bug in nspawnctl's templates; please report it",
             )
 

@@ -30,12 +30,11 @@ from hypothesis import strategies as st
 
 from nspawnctl import cli, config, container
 from nspawnctl.errors import ConfigError
-from nspawnctl.install import verify_units
+from nspawnctl.install import systemd_verify, verify_units
 from nspawnctl.log import log
 from nspawnctl.names import check_machine_name, machine_name, service_unit, socket_unit
 from nspawnctl.paths import Paths, environment_variables
 from nspawnctl.render import GENERATED_MARK, RenderedFile, Rendering
-from nspawnctl.run import run
 
 # NSPAWNCTL_FUZZ_EXAMPLES=N: N examples per test, drawn at random. Unset: a fixed,
 # small run (derandomized), so that CI is quick and fails the same way every time.
@@ -601,14 +600,10 @@ def _verify_guest(rendering: Rendering, tmp: Path) -> None:
     for unit, text in stubs.items():
         if not (staging / unit).exists() and unit.endswith((".service", ".socket")):
             (staging / unit).write_text(text)
-    proc = run(
-        ["systemd-analyze", "verify", "--man=no", *units],
-        check=False,
-        env={"SYSTEMD_UNIT_PATH": f"{staging}:", "SYSTEMD_LOG_LEVEL": "warning"},
-    )
+    _returncode, lines = systemd_verify(staging, units)
     problems = [
         ln
-        for ln in (proc.stdout + proc.stderr).splitlines()
+        for ln in lines
         if ln.strip() and "is not executable: No such file or directory" not in ln
     ]
     assert not problems, problems  # (the exit code counts the missing commands too)
