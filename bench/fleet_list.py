@@ -49,6 +49,13 @@ def main() -> int:
             "nspawnctl list": [sys.executable, "-m", "nspawnctl", "list"],
             "nspawnctl list --json": [sys.executable, "-m", "nspawnctl", "list", "--json"],
             "nspawnctl status real": [sys.executable, "-m", "nspawnctl", "status", "real"],
+            # What every command pays before it does anything: Python and the imports.
+            "of which start-up: nspawnctl --version": [
+                sys.executable,
+                "-m",
+                "nspawnctl",
+                "--version",
+            ],
             "plain: systemctl list-units --all 'nspawnctl-*'": [
                 "systemctl",
                 "list-units",

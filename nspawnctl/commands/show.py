@@ -49,14 +49,28 @@ def _container_state(state: UnitState) -> str:
     return _CONTAINER_STATE.get(state.active, state.active) if state.load == "loaded" else "-"
 
 
+def _unloaded(paths: Paths, name: str, unit: str) -> UnitState:
+    """A unit systemd has not loaded: an installed container's, which systemd dropped
+    from memory while it was inactive, or one that does not exist."""
+    installed = (paths.unit_dir / socket_unit(name)).exists()
+    return (
+        UnitState(unit, "loaded", "inactive", "dead")
+        if installed
+        else UnitState(unit, "not-found", "inactive", "dead")
+    )
+
+
 def run_list(args: argparse.Namespace, paths: Paths) -> int:
     configs, errors = load_all(paths)
     for err in errors:
         log.warning("%s", err.message)
     with Systemd.connect() as systemd:
-        states = systemd.states(
-            [u for c in configs for u in (socket_unit(c.name), service_unit(c.name))]
-        )
+        loaded = systemd.loaded_states([socket_unit("*"), service_unit("*")])
+    states = {
+        unit: loaded.get(unit) or _unloaded(paths, c.name, unit)
+        for c in configs
+        for unit in (socket_unit(c.name), service_unit(c.name))
+    }
     rows: list[dict[str, Any]] = [
         {
             "name": c.name,
