@@ -16,6 +16,7 @@ from pystemd.dbusexc import DBusBaseError
 from pystemd.dbuslib import DBus, DbusMessage, apply_signature, path_encode
 
 from nspawnctl.errors import OperationError
+from nspawnctl.log import log
 
 SYSTEMD = b"org.freedesktop.systemd1"
 SYSTEMD_PATH = b"/org/freedesktop/systemd1"
@@ -170,6 +171,15 @@ class Systemd:
 
     def stop(self, unit: str, timeout: float = JOB_TIMEOUT) -> None:
         self._job(b"StopUnit", unit, timeout)
+
+    def stop_and_forget(self, unit: str) -> None:
+        """Stop a unit and clear a failed state, so that systemd keeps no trace of it once
+        its file is gone. Best effort: this runs while undoing or removing."""
+        try:
+            self.stop(unit)
+            self.reset_failed(unit)
+        except OperationError as err:
+            log.debug("stopping %s: %s", unit, err)
 
     def reset_failed(self, unit: str) -> None:
         self._manager(b"ResetFailedUnit", b"s", unit.encode(), doing=f"reset-failed {unit}")

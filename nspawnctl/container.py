@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig, check_conflicts, load_config
-from nspawnctl.errors import ConfigError, NspawnctlError, OperationError, UsageError
+from nspawnctl.errors import ConfigError, OperationError, UsageError
 from nspawnctl.faults import checkpoint
 from nspawnctl.install import (
     check_writable,
@@ -110,13 +110,19 @@ def rendering_for(
     would get is shown (v1 if it is not built yet)."""
     if image is None:
         image = ImageStore(paths.image_dir).find(config.image)
-    lower = version or (image.current if image else paths.image_dir / config.image.key / "v1")
+    lower = version or image_version(paths, config, image)
     state = MachineState(
         known_id or machine_id(paths, config.name) or uuid.uuid4().hex,
         lower,
         uid_base_for(paths, config) if uid_base is None else uid_base,
     )
     return render(config, paths, state)
+
+
+def image_version(paths: Paths, config: ContainerConfig, image: Image | None) -> Path:
+    """The image version a container is rendered on: its image's current one, or v1 if
+    the image is not built yet."""
+    return image.current if image else paths.image_dir / config.image.key / "v1"
 
 
 def installed_uid_base(paths: Paths, name: str) -> int:
@@ -356,7 +362,7 @@ def _remove(paths: Paths, name: str, systemd: Systemd, *, keep_rootfs: bool) -> 
     # the mount last, once nothing runs on it.
     for unit in units:
         if states[unit].load == "loaded":
-            _stop_and_forget(systemd, unit)
+            systemd.stop_and_forget(unit)
             checkpoint(f"remove: stopped {unit}")
     if systemd.unit_file_state(socket_unit(name)) == "enabled":
         systemd.disable([socket_unit(name)])
@@ -406,16 +412,6 @@ def stop_container(systemd: Systemd, name: str) -> None:
         # cleanly) only for a service that finished starting: let the boot finish.
         systemd.start(service)
     systemd.stop(service)
-
-
-def _stop_and_forget(systemd: Systemd, unit: str) -> None:
-    """Stop a unit and clear a failed state, so that systemd keeps no trace of it once
-    its file is gone. Best effort: this runs while undoing or removing."""
-    try:
-        systemd.stop(unit)
-        systemd.reset_failed(unit)
-    except NspawnctlError as err:
-        log.debug("stopping %s: %s", unit, err)
 
 
 def _same_text(path: Path, text: str) -> bool:

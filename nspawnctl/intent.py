@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nspawnctl.bus import Systemd
-from nspawnctl.errors import NspawnctlError
 from nspawnctl.faults import checkpoint
 from nspawnctl.install import Undo, remove_file, remove_tree, write_atomic
 from nspawnctl.log import log
@@ -109,9 +108,7 @@ def take_back(step: Step, systemd: Systemd) -> None:
         case "reload":
             systemd.reload()
         case "stop":
-            with contextlib.suppress(NspawnctlError):
-                systemd.stop(step.path)
-                systemd.reset_failed(step.path)
+            systemd.stop_and_forget(step.path)
 
 
 class Transaction(Undo):

@@ -11,6 +11,7 @@ from pathlib import Path
 from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig, check_conflicts, load_config
 from nspawnctl.container import (
+    image_version,
     is_running,
     load_all,
     reload_networkd,
@@ -94,7 +95,7 @@ def plan(paths: Paths, config: ContainerConfig, config_text: str) -> Plan:
         )
     image = ImageStore(paths.image_dir).find(config.image)
     rendering = rendering_for(paths, config, image)
-    lower = image.current if image else paths.image_dir / config.image.key / "v1"
+    lower = image_version(paths, config, image)
     upper = Layer.of(paths, name).upper
     wanted: dict[Path, tuple[str, int, bool]] = {config.source: (config_text, 0o644, False)}
     for file in rendering.host:

@@ -50,7 +50,8 @@ def _finish(paths: Paths, record: Record) -> None:
                 keep = "--keep-rootfs" in record.options
                 container.remove(paths, record.name, keep_rootfs=keep)
         elif record.verb == "image-update":
-            repoint_users(paths, ImageStore(paths.image_dir).get(record.name))
+            with Systemd.connect() as systemd:
+                repoint_users(paths, ImageStore(paths.image_dir).get(record.name), systemd)
     except NspawnctlError as err:
         log.warning("finishing `%s %s`: %s", record.verb, record.name, err.message)
 

@@ -76,7 +76,7 @@ def update_image(
             raise
         backup.drop_earlier(paths, taken)
         image = store.get(image.key)
-        renderings = repoint_users(paths, image, users)
+        renderings = repoint_users(paths, image, systemd, users)
     lowers = overlay_lowers()
     restart = sorted(
         c.name for c in users if lowers.get(paths.machine_dir(c.name)) not in (None, new)
@@ -113,7 +113,7 @@ def update_image(
 
 
 def repoint_users(
-    paths: Paths, image: Image, users: Sequence[ContainerConfig] | None = None
+    paths: Paths, image: Image, systemd: Systemd, users: Sequence[ContainerConfig] | None = None
 ) -> dict[str, Rendering]:
     """Make each user's mount unit name the image's current version; it takes effect at
     the next mount, i.e. the container's next start. A running container is not touched.
@@ -127,15 +127,14 @@ def repoint_users(
         c.name: rendering_for(paths, c, image, uid_base=installed_uid_base(paths, c.name))
         for c in users
     }
-    with Systemd.connect() as systemd:
-        for name, rendering in renderings.items():
-            targets = host_targets(paths, name)
-            image_units = {targets["container.mount.j2"], targets["container.lower.j2"]}
-            for file in rendering.host:
-                if Path(file.path) in image_units:
-                    write_atomic(Path(file.path), file.text, file.mode)
-                    checkpoint(f"image update: repointed {file.path}")
-        systemd.reload()
+    for name, rendering in renderings.items():
+        targets = host_targets(paths, name)
+        image_units = {targets["container.mount.j2"], targets["container.lower.j2"]}
+        for file in rendering.host:
+            if Path(file.path) in image_units:
+                write_atomic(Path(file.path), file.text, file.mode)
+                checkpoint(f"image update: repointed {file.path}")
+    systemd.reload()
     return renderings
 
 

@@ -117,10 +117,11 @@ def run_apply(args: argparse.Namespace, paths: Paths) -> int:
                 tally.unchanged.append(name)
                 continue
             reconcile.check_listens(paths, plan)
-            _announce(plan, args.dry_run)
+            restarts = plan.needs_restart and _running(name)
+            _announce(plan, restarts, args.dry_run)
             tally.changed.append(name)
             if args.dry_run:
-                if _running(name) and plan.needs_restart:
+                if restarts:
                     tally.restarted.append(name)
                 continue
             with Systemd.connect() as systemd:
@@ -146,9 +147,9 @@ def run_apply(args: argparse.Namespace, paths: Paths) -> int:
     return 2 if tally.broken else 0
 
 
-def _announce(plan: reconcile.Plan, dry_run: bool) -> None:
+def _announce(plan: reconcile.Plan, restarts: bool, dry_run: bool) -> None:
     print(f"~ {plan.name}: " + ", ".join(str(c.path) for c in plan.changes))
-    if plan.needs_restart and _running(plan.name):
+    if restarts:
         print(f"  {plan.name} is running and boots with what changed: it will be restarted")
     if dry_run:
         for change in plan.changes:
