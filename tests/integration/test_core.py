@@ -148,6 +148,29 @@ def test_exec_start_status_list(host: TestHost, web: str) -> None:
     assert "web" in nspawnctl(host, "list").stdout
 
 
+def test_start_returns_once_the_default_target_is_reached(host: TestHost, web: str) -> None:
+    # The guest's systemd starts nspawnctl-boot.target (the passed sockets) and goes on
+    # to its default target from there; `start` still waits for the whole boot.
+    nspawnctl(host, "stop", web)
+    wait_stopped(host, web)
+    nspawnctl(host, "start", web)
+    guest = ["systemctl", f"--machine={web}"]
+    default = host.run([*guest, "get-default"]).stdout.strip()
+    assert default == "graphical.target"  # the image's own, unchanged
+    assert host.run([*guest, "is-active", default, "multi-user.target"]).stdout.split() == [
+        "active",
+        "active",
+    ]
+    assert host.run([*guest, "is-system-running"], check=False).stdout.strip() == "running"
+    # Every setting nspawnctl wrote is one that systemd and systemd-nspawn know.
+    unknown = r"Unknown (key|lvalue|section)|ignoring unknown"
+    in_host = host.run(
+        ["journalctl", "-q", "-u", f"systemd-nspawn@{web}.service", "-g", unknown], check=False
+    ).stdout
+    in_guest = host.run(["journalctl", "-q", "-M", web, "-b", "-g", unknown], check=False).stdout
+    assert (in_host, in_guest) == ("", "")
+
+
 def test_enable_and_disable(host: TestHost, web: str) -> None:
     wants = "/etc/systemd/system/sockets.target.wants/nspawnctl-web.socket"
     nspawnctl(host, "enable", web)

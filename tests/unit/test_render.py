@@ -75,7 +75,9 @@ def test_service_drop_in_boots_this_machine(rendering: Rendering) -> None:
     assert "--machine=web" in exec_start[1] and "--directory=/var/lib/machines/web" in exec_start[1]
     settings = unit(out["/etc/systemd/nspawn/web.nspawn"])
     assert settings["Exec"]["PrivateUsers"] == str(UID_BASE)
-    assert settings["Exec"]["PrivateUsersOwnership"] == "off"  # never chown the tree
+    assert settings["Files"]["PrivateUsersOwnership"] == "off"  # never chown the tree
+    # The guest's systemd serves the passed sockets first, then goes on to the rest.
+    assert settings["Exec"]["Parameters"] == "systemd.unit=nspawnctl-boot.target"
     assert settings["Network"]["Private"] == "yes"
 
 
