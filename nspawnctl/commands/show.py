@@ -19,6 +19,7 @@ from nspawnctl.names import machine_name, service_unit, socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.resources import KEYS as RESOURCE_KEYS
 from nspawnctl.store import ImageStore
+from nspawnctl.userns import RANGE, base_of
 
 _UNSET = 2**64 - 1  # systemd's "no value" for counters such as MemoryCurrent
 _CONTAINER_STATE = {
@@ -153,11 +154,14 @@ def _layer_info(paths: Paths, name: str, config: ContainerConfig | None) -> dict
     image = ImageStore(paths.image_dir).find(config.image) if config else None
     current = image.current if image else None
     version = mounted or current
+    # The guest's uid range on the host, kept as the owner of its layer (0: none).
+    base = base_of(layer.upper) if layer.upper.exists() else 0
     return {
         "layer": {
             "path": str(layer.path),
             "bytes": disk_usage(layer.path) if layer.path.exists() else None,
         },
+        "uid_range": [base, base + RANGE - 1] if base else None,
         "image_version": version.name if version else None,
         "needs_restart": bool(mounted and current and mounted != current),
     }
@@ -191,6 +195,12 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
         ("limits", _limits(info["limits"])),
         ("uptime", _duration(info["uptime_seconds"])),
         ("tree", info["tree"]),
+        (
+            "users",
+            f"the guest's uid 0-{RANGE - 1} are the host's {'-'.join(map(str, uid_range))}"
+            if (uid_range := info["uid_range"])
+            else "the host's own (no user namespace)",
+        ),
         ("layer", f"{_size(info['layer']['bytes'])} in {info['layer']['path']}"),
         (
             "version",

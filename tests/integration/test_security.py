@@ -5,6 +5,7 @@ the host's D-Bus; `security: {user_namespace: false}` as the way back."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 
@@ -69,6 +70,8 @@ def test_guest_root_is_an_unprivileged_uid_of_the_host(host: TestHost, sec: str)
     # On the host, the guest's processes run as that uid, not as root.
     leader = host.run(["machinectl", "show", "--property=Leader", "--value", sec]).stdout.strip()
     assert owner(host, f"/proc/{leader}") == base
+    status = nspawnctl(host, "status", sec, "--json").stdout
+    assert json.loads(status)["uid_range"] == [base, base + 65535]
 
 
 def test_the_image_is_shared_and_the_layer_stays_small(host: TestHost, sec: str) -> None:
@@ -126,6 +129,7 @@ def test_without_a_user_namespace_root_is_the_host_root(host: TestHost) -> None:
     add(host, "rootns", ROOTNS_PORT, "security: {user_namespace: false}\n")
     assert uid_map(ssh(host, ROOTNS_PORT, "cat /proc/self/uid_map").stdout) == (0, 0, 2**32 - 1)
     assert owner(host, f"{layer('rootns')}/upper") == 0
+    assert "the host's own (no user namespace)" in nspawnctl(host, "status", "rootns").stdout
     assert (
         host.run(
             ["test", "-e", "/etc/systemd/system/nspawnctl-lower@rootns.service"], check=False
