@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import CLIENT_KEY, booted_host, nspawnctl, ssh
+from tests.integration.test_network import ECHO_UNITS
 from tests.testhost import TestHost
 
 
@@ -61,6 +62,27 @@ def test_open_session_keeps_it_awake(host: TestHost) -> None:
     # Longer than the idle timeout plus the checks' period: a power-off would cut it.
     out = ssh(host, 2602, "sleep 25; echo still-here").stdout
     assert out.strip() == "still-here"
+
+
+# One connection to a native Accept=yes echo service, open for longer than the idle
+# timeout plus the checks' period: a power-off in between would reset it.
+HELD_ECHO = """
+import socket, sys, time
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=90) as s:
+    s.sendall(b"before\\n")
+    before = s.recv(100)
+    time.sleep(25)
+    s.sendall(b"after\\n")
+    print(before.decode().strip(), s.recv(100).decode().strip())
+"""
+
+
+def test_open_connection_to_a_native_socket_keeps_it_awake(host: TestHost) -> None:
+    add(host, "idle5", yaml(2608, "10s", "sockets:\n  - {listen: 2609, native: echo.socket}\n"))
+    nspawnctl(host, "exec", "idle5", "--", "sh", "-c", ECHO_UNITS)
+    nspawnctl(host, "stop", "idle5")  # the next boot takes port 2609 with echo.socket
+    out = host.run([sys.executable, "-c", HELD_ECHO, "2609"]).stdout
+    assert out.split() == ["before", "after"]
 
 
 def test_keep_awake_unit_keeps_it_awake(host: TestHost) -> None:

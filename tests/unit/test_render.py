@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import configparser
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,23 @@ def test_sockets_render_host_and_guest_from_one_value(pubkey: Path) -> None:
 def test_private_container_gets_no_network_files(rendering: Rendering) -> None:
     paths = {str(f.path) for f in rendering.host} | {str(f.path) for f in rendering.guest}
     assert not any("network" in p for p in paths)
+
+
+def test_idle_check_counts_connections_of_native_sockets(pubkey: Path) -> None:
+    def idle_script(sockets: list[dict[str, object]]) -> str:
+        data = {
+            "ssh": {"listen": 2222, "authorized_keys": [str(pubkey)]},
+            "sockets": sockets,
+            "idle_timeout": "20s",
+        }
+        config = parse_config("web", data, Path("/etc/nspawnctl/web.yaml"))
+        r = render(config, Paths.from_env({}), MachineState(MACHINE_ID, Path("/i/v1"), UID_BASE))
+        script = files(r)["/var/lib/machines/web/usr/local/libexec/nspawnctl-idle"]
+        subprocess.run(["sh", "-n"], input=script, text=True, check=True)  # parses
+        return script
+
+    natives = idle_script(
+        [{"listen": 2022, "native": "echo.socket"}, {"listen": 2023, "native": "dns.socket"}]
+    )
+    assert "--value \\\n            echo.socket dns.socket | grep -qv '^0$'\n}" in natives
+    assert "--property=NConnections" not in idle_script([])
