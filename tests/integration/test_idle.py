@@ -5,8 +5,10 @@ unit; no connection is lost to a power-off; cycling never closes the port."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 
@@ -64,25 +66,54 @@ def test_open_session_keeps_it_awake(host: TestHost) -> None:
     assert out.strip() == "still-here"
 
 
-# One connection to a native Accept=yes echo service, open for longer than the idle
-# timeout plus the checks' period: a power-off in between would reset it.
+# One connection to a native Accept=yes echo service, held open until told on stdin: a
+# power-off in between would reset it.
 HELD_ECHO = """
-import socket, sys, time
+import socket, sys
 with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=90) as s:
     s.sendall(b"before\\n")
-    before = s.recv(100)
-    time.sleep(25)
+    print(s.recv(100).decode().strip(), flush=True)
+    sys.stdin.readline()
     s.sendall(b"after\\n")
-    print(before.decode().strip(), s.recv(100).decode().strip())
+    print(s.recv(100).decode().strip())
 """
+
+
+def idle_checked_since(host: TestHost, name: str, since: float) -> bool:
+    """Whether the guest's idle check has run to its end at or after `since` (the
+    CLOCK_MONOTONIC that host, guest and this process share), or the guest is gone."""
+    out = host.run(
+        [
+            "systemctl",
+            f"--machine={name}",
+            "show",
+            "--property=ExecMainExitTimestampMonotonic",
+            "--value",
+            "nspawnctl-idle.service",
+        ],
+        check=False,
+    )
+    if out.returncode:
+        return leader(host, name) is None
+    return int(out.stdout.strip() or 0) / 1e6 >= since
 
 
 def test_open_connection_to_a_native_socket_keeps_it_awake(host: TestHost) -> None:
     add(host, "idle5", yaml(2608, "10s", "sockets:\n  - {listen: 2609, native: echo.socket}\n"))
     nspawnctl(host, "exec", "idle5", "--", "sh", "-c", ECHO_UNITS)
     nspawnctl(host, "stop", "idle5")  # the next boot takes port 2609 with echo.socket
-    out = host.run([sys.executable, "-c", HELD_ECHO, "2609"]).stdout
-    assert out.split() == ["before", "after"]
+    client = host.popen([sys.executable, "-c", HELD_ECHO, "2609"], stdin=PIPE, stdout=PIPE)
+    assert client.stdout is not None and client.stdout.readline().strip() == "before"
+    # Held past the idle timeout (10 s) plus the checks' period (2 s) and one more check.
+    opened = time.monotonic()
+    host.wait_for(
+        lambda: idle_checked_since(host, "idle5", opened + 14),
+        timeout=90,
+        what="idle5's idle check 14 s after the connection opened",
+        interval=0.5,
+    )
+    out, _ = client.communicate("go\n", timeout=60)
+    assert out.split() == ["after"]
 
 
 def test_keep_awake_unit_keeps_it_awake(host: TestHost) -> None:
