@@ -53,12 +53,24 @@ class Bind:  # a directory of this machine bound into the test host
     readonly: bool = False
 
 
-def _sh(*argv: str) -> str:
-    """Run a command on this machine (not in the host); return its stdout."""
-    proc = subprocess.run(argv, check=False, stdin=DEVNULL, capture_output=True, text=True)
+def sh(*argv: str | Path) -> str:
+    """Run a command on this machine (not in a test host or VM); return its stdout."""
+    args = [str(a) for a in argv]
+    proc = subprocess.run(args, check=False, stdin=DEVNULL, capture_output=True, text=True)
     if proc.returncode:
-        raise CommandFailed(proc.returncode, list(argv), proc.stdout, proc.stderr)
+        raise CommandFailed(proc.returncode, args, proc.stdout, proc.stderr)
     return proc.stdout
+
+
+def wait_for(
+    predicate: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.05
+) -> None:
+    """Poll predicate until it is true; the only place that sleeps."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {what}")
+        time.sleep(interval)
 
 
 def _is_mount(path: Path, fstype: str | None = None) -> bool:
@@ -131,16 +143,16 @@ class TestHost:
         self._work, self._log, upper, self.root = work, work / "log", work / "upper", work / "root"
         upper.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(exist_ok=True)
-        _sh("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(upper))
+        sh("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(upper))
         self._mounts.append(upper)
         (upper / "u").mkdir(mode=0o755)
         (upper / "w").mkdir()
         opts = f"lowerdir=/,upperdir={upper}/u,workdir={upper}/w"
-        _sh("mount", "-t", "overlay", "overlay", "-o", opts, str(self.root))
+        sh("mount", "-t", "overlay", "overlay", "-o", opts, str(self.root))
         self._mounts.append(self.root)
         # Nothing runs in the host yet, so writing through the mount is safe. nspawn
         # refuses to link journals when host and machine ids are equal.
-        (self.root / "etc/machine-id").write_text(_sh("systemd-id128", "new"))
+        (self.root / "etc/machine-id").write_text(sh("systemd-id128", "new"))
         (self.root / "etc/hostname").write_text("testhost\n")
         for unit in self.mask:
             (self.root / "etc/systemd/system" / unit).unlink(missing_ok=True)
@@ -153,9 +165,9 @@ class TestHost:
             fcntl.flock(lock, fcntl.LOCK_EX)
             # Only where /run is on disk (this machine): on a systemd host /run is a
             # tmpfs already, and a mount here would hide running containers' dirs.
-            on = _sh("stat", "--file-system", "--format=%T", str(NSPAWN_RUNDIR)).strip()
+            on = sh("stat", "--file-system", "--format=%T", str(NSPAWN_RUNDIR)).strip()
             if on != "tmpfs":
-                _sh("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(NSPAWN_RUNDIR))
+                sh("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(NSPAWN_RUNDIR))
         # No system bus out here: --keep-unit and --register=no skip machined.
         # --private-network keeps the host's ports off this machine's network.
         argv = ["systemd-nspawn", "--keep-unit", "--register=no", "--private-network", "-b"]
@@ -249,12 +261,7 @@ class TestHost:
     def wait_for(
         self, predicate: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.05
     ) -> None:
-        """Poll predicate until it is true; the only place that sleeps."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {what}")
-            time.sleep(interval)
+        wait_for(predicate, timeout=timeout, what=what, interval=interval)
 
     def close(self) -> None:
         """Power off, unmount and remove everything; safe to call again."""
@@ -278,9 +285,9 @@ class TestHost:
         while self._mounts:
             mount = self._mounts.pop()
             with contextlib.suppress(CommandFailed):
-                _sh("umount", str(mount))
+                sh("umount", str(mount))
             if _is_mount(mount):
-                _sh("umount", "--lazy", str(mount))
+                sh("umount", "--lazy", str(mount))
         # rmdir, never rmtree: were a mount left, rmtree would descend into an overlay of
         # this machine's root. nspawn sometimes leaves its lock file next to the root.
         if self._work is not None:

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from subprocess import DEVNULL
 
-from tests.testhost import CommandFailed
+from tests import testhost
+from tests.testhost import CommandFailed, sh
 
 CACHE = Path(os.environ.get("NSPAWNCTL_TEST_VM_CACHE", "/var/cache/nspawnctl-test/vm"))
 PROJECT = Path(__file__).resolve().parents[2]
@@ -97,24 +98,11 @@ def timed(what: str, vm: VM | None = None) -> Iterator[None]:
     record(what, time.monotonic() - start, vm.cpu_seconds() - cpu if vm else None)
 
 
-def _sh(*argv: str | Path) -> str:
-    """Run a command on this machine; return its stdout."""
-    args = [str(a) for a in argv]
-    proc = subprocess.run(args, check=False, stdin=DEVNULL, capture_output=True, text=True)
-    if proc.returncode:
-        raise CommandFailed(proc.returncode, args, proc.stdout, proc.stderr)
-    return proc.stdout
-
-
 def wait_for(
     predicate: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.2
 ) -> None:
-    """Poll predicate until it is true; the only place that sleeps."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(interval)
+    """testhost.wait_for, polling less often: the VM's commands cost more."""
+    testhost.wait_for(predicate, timeout=timeout, what=what, interval=interval)
 
 
 @dataclass(frozen=True)
@@ -136,7 +124,7 @@ class Kernel:
         release = found[-1].name.removeprefix("vmlinuz-")
         kernel = cls(
             release,
-            _sh("dpkg-query", "-W", "-f=${Version}", f"linux-image-{release}"),
+            sh("dpkg-query", "-W", "-f=${Version}", f"linux-image-{release}"),
             found[-1],
             Path(f"/lib/modules/{release}"),
         )
@@ -232,7 +220,7 @@ def _locked(cache: Path, operation: int) -> Iterator[None]:
 
 
 def _build_base(root: Path, recipe: BaseRecipe, kernel: Kernel) -> None:
-    _sh(
+    sh(
         "debootstrap",
         "--variant=minbase",
         f"--include={','.join(recipe.packages)}",
@@ -242,7 +230,7 @@ def _build_base(root: Path, recipe: BaseRecipe, kernel: Kernel) -> None:
     # The modules of the kernel qemu boots: virtio_console (the agent's port), overlay
     # (containers' roots) and the rest are loaded from the root file system.
     (root / "usr/lib/modules").mkdir(parents=True, exist_ok=True)
-    _sh("cp", "-a", kernel.modules, root / "usr/lib/modules" / kernel.release)
+    sh("cp", "-a", kernel.modules, root / "usr/lib/modules" / kernel.release)
     _install_pystemd(root)
     # Debian's systemd makes this on a normal install: a persistent journal, where
     # nspawnctl links its containers' journals.
@@ -283,14 +271,14 @@ def stage_layer(layer: Path, *, images: Sequence[Path], hostname: str = "vmhost"
     """What one disk adds to the base tree: a fresh host identity, this checkout of
     nspawnctl installed, the cached container images in its store, the agent."""
     _write(layer / "etc/hostname", f"{hostname}\n")
-    _write(layer / "etc/machine-id", _sh("systemd-id128", "new"), 0o444)
+    _write(layer / "etc/machine-id", sh("systemd-id128", "new"), 0o444)
     # nspawnctl from this checkout, as a path on sys.path plus its entry point.
     target = layer / PROJECT_IN_VM.lstrip("/")
     for part in ("nspawnctl", "units", "guest-skel"):
         shutil.copytree(
             PROJECT / part, target / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
-    _sh(sys.executable, "-m", "compileall", "-q", target / "nspawnctl")  # as for pystemd
+    sh(sys.executable, "-m", "compileall", "-q", target / "nspawnctl")  # as for pystemd
     _write(layer / SITE_IN_VM / "nspawnctl-checkout.pth", f"{PROJECT_IN_VM}\n")
     _write(
         layer / "usr/local/bin/nspawnctl",
@@ -303,7 +291,7 @@ def stage_layer(layer: Path, *, images: Sequence[Path], hostname: str = "vmhost"
     store.mkdir(parents=True, exist_ok=True)
     for image in images:
         same_fs = image.stat().st_dev == store.stat().st_dev
-        _sh("cp", "-a", "--link" if same_fs else "--reflink=auto", image, store / image.name)
+        sh("cp", "-a", "--link" if same_fs else "--reflink=auto", image, store / image.name)
     # The test agent, started at boot on its virtio-serial port.
     _write(
         layer / "usr/local/libexec/nspawnctl-test-agent",
@@ -329,7 +317,7 @@ def stage_layer(layer: Path, *, images: Sequence[Path], hostname: str = "vmhost"
     # The client key the scenarios log in to containers with.
     ssh = layer / "root/.ssh"
     ssh.mkdir(parents=True, mode=0o700)
-    _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vm-test", "-f", ssh / "id_ed25519")
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vm-test", "-f", ssh / "id_ed25519")
 
 
 def make_disk(base: Path, layer: Path, disk: Path, size: str = "4G") -> None:
@@ -339,11 +327,11 @@ def make_disk(base: Path, layer: Path, disk: Path, size: str = "4G") -> None:
     with _locked(base.parents[1], fcntl.LOCK_SH):
         if not base.is_dir():
             raise RuntimeError(f"{base} was removed by a run with another recipe: run again")
-        _sh("mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={layer}:{base}", merged)
+        sh("mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={layer}:{base}", merged)
         try:
-            _sh("mkfs.ext4", "-q", "-F", "-L", "vmroot", "-d", merged, disk, size)
+            sh("mkfs.ext4", "-q", "-F", "-L", "vmroot", "-d", merged, disk, size)
         finally:
-            _sh("umount", merged)
+            sh("umount", merged)
             merged.rmdir()
 
 
