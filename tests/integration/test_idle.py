@@ -179,7 +179,19 @@ def test_connections_during_a_stop_wait_for_the_next_boot(host: TestHost) -> Non
         [sys.executable, "-c", CHURN, "2605", "stopper", "3", "0.05"], stdout=-1, stderr=-1
     )
     for _ in range(3):
-        host.wait_for(lambda: leader(host, "stopper") is not None, timeout=60, what="booted")
+        # Booted, not merely registered: systemd skips ExecStop= (the quiesce) when it
+        # stops a unit that is still starting, so a stop during the boot is another case
+        # (see the note of issue 7), not the one this test is about.
+        host.wait_for(
+            lambda: (
+                host.run(
+                    ["systemctl", "is-active", "-q", "systemd-nspawn@stopper.service"], check=False
+                ).returncode
+                == 0
+            ),
+            timeout=60,
+            what="booted",
+        )
         nspawnctl(host, "stop", "stopper")
     out, _err = client.communicate(timeout=300)
     boots, _served, lost = out.split(maxsplit=2)
