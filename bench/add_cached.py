@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.timing import timed
 from nspawnctl.bootstrap import bootstrapper
-from nspawnctl.layers import disk_usage
+from nspawnctl.guesttree import disk_usage
 from nspawnctl.recipe import parse_image
 from tests.integration.conftest import (
     CLIENT_KEY,

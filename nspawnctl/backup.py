@@ -18,38 +18,31 @@ import datetime
 import json
 import os
 import re
-import shutil
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nspawnctl.atomic import write_atomic
 from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig, load_config, load_yaml, parse_config
 from nspawnctl.container import (
     add,
     installed_lower,
     is_installed,
-    layer_machine_id,
     reload_networkd,
     rendering_for,
     uid_base_for,
 )
 from nspawnctl.errors import OperationError, UsageError
-from nspawnctl.install import (
-    Undo,
-    check_writable,
-    remove_tree,
-    restore_file,
-    verify_units,
-    write_atomic,
-)
-from nspawnctl.layers import Layer, check_upper_filesystem, mounted_lower, reown_layer
+from nspawnctl.guesttree import copy_tree, delete, remove_tree
+from nspawnctl.install import Undo, check_writable, restore_file, verify_units
+from nspawnctl.layers import MACHINE_ID, Layer, check_upper_filesystem, mounted_lower, reown_layer
 from nspawnctl.log import log
 from nspawnctl.names import service_unit, socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.recipe import Recipe
 from nspawnctl.render import Rendering, host_targets
-from nspawnctl.run import run
 from nspawnctl.store import ImageStore
 
 FORMAT = 1  # of manifest.json; a reader refuses a newer one
@@ -117,7 +110,7 @@ def manifest_of(paths: Paths, config: ContainerConfig, *, live: bool, full: bool
         created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         recipe=config.image,
         image_version=lower.name if lower else None,
-        machine_id=layer_machine_id(Layer.of(paths, name)),
+        machine_id=Layer.of(paths, name).machine_id,
         live=live,
         full=full,
     )
@@ -231,7 +224,7 @@ def _copy(
     try:
         staging.mkdir(mode=0o700)  # a copy of a guest's files: root's business only
         # A reflink copy where the file system has them (Btrfs, XFS): nearly free.
-        run(["cp", "-a", "--reflink=auto", Layer.of(paths, name).upper, staging / "upper"])
+        copy_tree(Layer.of(paths, name).upper, staging / "upper")
         write_atomic(staging / "config.yaml", config_text, 0o600)
         write_atomic(staging / "manifest.json", manifest.to_json(), 0o600)
         if not live and is_running(paths, name):
@@ -244,7 +237,7 @@ def _copy(
             remove_tree(target)
         staging.rename(target)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        delete(staging)
         raise
     return Snapshot(name, target.name, target, manifest)
 
@@ -368,8 +361,12 @@ def rollback(paths: Paths, name: str, snap: str) -> Path:
 
 def _copy_layer(snapshot: Snapshot, staging: Layer) -> None:
     staging.path.mkdir(mode=0o700)
-    run(["cp", "-a", "--reflink=auto", snapshot.upper, staging.upper])
+    copy_tree(snapshot.upper, staging.upper)
     staging.work.mkdir()
+    # The identity the host kept when the snapshot was taken (checked again: a snapshot
+    # from before the host kept it holds what its guest wrote); a new one if none.
+    mid = snapshot.manifest.machine_id
+    staging.keep_machine_id(mid if mid and MACHINE_ID.fullmatch(mid) else uuid.uuid4().hex)
 
 
 def _swap(

@@ -9,18 +9,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from nspawnctl.atomic import write_atomic
 from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig, check_conflicts, load_config
 from nspawnctl.errors import ConfigError, OperationError, UsageError
 from nspawnctl.faults import checkpoint
-from nspawnctl.install import (
-    check_writable,
-    is_ours,
-    remove_file,
-    remove_tree,
-    verify_units,
-    write_atomic,
-)
+from nspawnctl.guesttree import remove_tree
+from nspawnctl.install import check_writable, is_ours, remove_file, verify_units
 from nspawnctl.intent import Step, Transaction
 from nspawnctl.layers import (
     Layer,
@@ -35,7 +30,7 @@ from nspawnctl.paths import Paths
 from nspawnctl.ports import check_host_ports, host_listeners
 from nspawnctl.render import MachineState, Rendering, host_targets, render
 from nspawnctl.run import run
-from nspawnctl.store import Image, ImageStore, refuse_host_symlinks
+from nspawnctl.store import Image, ImageStore
 from nspawnctl.userns import (
     allocate,
     allocation_lock,
@@ -63,16 +58,8 @@ def load_all(paths: Paths) -> tuple[list[ContainerConfig], list[ConfigError]]:
 
 
 def machine_id(paths: Paths, name: str) -> str | None:
-    """The container's own machine-id; it lives in its layer, so no mount is needed."""
-    return layer_machine_id(Layer.of(paths, name))
-
-
-def layer_machine_id(layer: Layer) -> str | None:
-    try:
-        text = (layer.upper / "etc/machine-id").read_text().strip()
-    except OSError:
-        return None
-    return text or None
+    """The container's machine-id, as the host keeps it (never the guest's own file)."""
+    return Layer.of(paths, name).machine_id
 
 
 def units_of(paths: Paths, name: str) -> list[str]:
@@ -218,7 +205,7 @@ def add(
         uid_base = uid_base_for(paths, config, keep=layer_from)
         if uid_base:
             check_idmap_support(image.current)
-        known_id = layer_machine_id(layer_from) if layer_from else None
+        known_id = layer_from.machine_id if layer_from else None
         rendering = rendering_for(paths, config, image, known_id=known_id, uid_base=uid_base)
         verify_units(rendering.host, [socket_unit(name), service_unit(name)])
         # Each step is recorded before it is taken: an error takes them back here, a
@@ -275,20 +262,17 @@ def create_layer(
     over, deleting it on failure) and then renamed into place, owned by the container's
     uid range `uid_base` (see userns.py)."""
     staging = base or Layer(layer.path.with_name(f".{name}.new-{os.getpid()}"))
-    host_key = "etc/ssh/ssh_host_ed25519_key"
     try:
         if base is None:
             staging.upper.mkdir(parents=True)
             staging.work.mkdir()
-        else:
-            # Written from the host: no link on the way may lead out of the layer.
-            own = [str(f.path) for f in rendering.guest]
-            refuse_host_symlinks(staging.upper, f"layer of {name}", [*own, host_key])
+        # Through the layer's GuestTree: a link the guest of a layer taken over planted
+        # on any of these paths is refused, never followed to the host's files.
         for file in rendering.guest:
             staging.write(file.path, file.text, file.mode, lower)
-        staging.make_dirs(Path("etc/ssh"), lower)
-        if not (staging.upper / host_key).exists():
-            _make_host_key(staging, name)
+        staging.keep_machine_id(rendering.machine_id)
+        if staging.tree.lstat(_HOST_KEY) is None:
+            _make_host_key(staging, name, lower)
         with allocation_lock(layer.path.parent):
             # Another `add` may have taken the range since it was chosen.
             if uid_base in used_uid_bases(layer.path.parent, but={name, staging.path.name}):
@@ -303,24 +287,24 @@ def create_layer(
         raise
 
 
-def _make_host_key(staging: Layer, name: str) -> None:
-    run(
-        [
-            "ssh-keygen",
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            f"root@{name}",
-            "-f",
-            staging.upper / "etc/ssh/ssh_host_ed25519_key",
-        ]
-    )
+_HOST_KEY = "etc/ssh/ssh_host_ed25519_key"
+
+
+def _make_host_key(staging: Layer, name: str, lower: Path) -> None:
+    """The guest's SSH host key, made on the host in a private directory and then
+    written into the layer like any file of the guest's."""
     base = staging.uid_base  # of a layer taken over: keys for its guest's root
-    for key in (staging.upper / "etc/ssh").glob("ssh_host_ed25519_key*"):
-        os.chown(key, base, base)
+    with tempfile.TemporaryDirectory(prefix="nspawnctl-hostkey-") as tmp:
+        key = Path(tmp) / "key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{name}", "-f", key])
+        for suffix, mode in (("", 0o600), (".pub", 0o644)):
+            staging.tree.write(
+                _HOST_KEY + suffix,
+                Path(f"{key}{suffix}").read_bytes(),
+                mode,
+                (base, base),
+                create=staging.dir_maker(lower),
+            )
 
 
 def remove(paths: Paths, name: str, *, keep_rootfs: bool = False) -> None:

@@ -21,23 +21,27 @@ import dataclasses
 import lzma
 import os
 import posixpath
+import stat
 import tarfile
 import tempfile
+import uuid
 import zlib
 from pathlib import Path, PurePosixPath
 
 from nspawnctl import container
+from nspawnctl.atomic import write_atomic
 from nspawnctl.backup import Manifest, is_running, manifest_of, refuse_running, require_container
 from nspawnctl.bootstrap import tar
 from nspawnctl.config import ContainerConfig, dump_config, load_yaml, parse_config
 from nspawnctl.errors import OperationError, UsageError
-from nspawnctl.install import remove_tree, write_atomic
-from nspawnctl.layers import Layer
+from nspawnctl.guesttree import remove_tree
+from nspawnctl.layers import MACHINE_ID, Layer
 from nspawnctl.names import check_machine_name
 from nspawnctl.paths import Paths
 from nspawnctl.recipe import TEMPLATE, Recipe, parse_image
 from nspawnctl.run import run
-from nspawnctl.store import ImageStore, refuse_host_symlinks
+from nspawnctl.store import ImageStore
+from nspawnctl.userns import RANGE
 
 METADATA = tar.EXPORT_METADATA
 MANIFEST = f"{METADATA}/manifest.json"
@@ -125,9 +129,15 @@ def _import_layer(
         staging.path.mkdir(parents=True)
         tar.extract(readable, staging.path, [UPPER])
         staging.work.mkdir()
-        new_identity = _in_use(paths, container.layer_machine_id(staging))
+        # The archive's machine-id is data: taken only if it is one and no container of
+        # this host has it (two would share one journal); else a new identity.
+        mid = manifest.machine_id
+        new_identity = not (mid and MACHINE_ID.fullmatch(mid)) or _in_use(paths, mid)
         if new_identity:
-            _forget_identity(staging, name)
+            _forget_identity(staging)
+            mid = uuid.uuid4().hex
+        assert mid is not None
+        staging.keep_machine_id(mid)
         container.add(paths, config, config_text, layer_from=staging)
     finally:
         if staging.path.exists():  # add takes it over; not if it failed before
@@ -175,25 +185,23 @@ def _refuse_existing(paths: Paths, name: str) -> None:
         )
 
 
-def _in_use(paths: Paths, machine_id: str | None) -> bool:
+def _in_use(paths: Paths, machine_id: str) -> bool:
     """Whether another container of this host has this machine-id: two of them would
     share one journal (an export imported beside its original)."""
-    if machine_id is None:
-        return False
     layers = Layer.directory(paths)
     return any(
-        container.layer_machine_id(Layer(path)) == machine_id
+        Layer(path).machine_id == machine_id
         for path in (layers.iterdir() if layers.is_dir() else ())
         if not path.name.startswith(".")
     )
 
 
-def _forget_identity(layer: Layer, name: str) -> None:
-    """Leave out the machine-id and host keys, so that `add` makes new ones."""
-    refuse_host_symlinks(layer.upper, f"layer of {name}", ["etc/ssh", "etc/machine-id"])
-    (layer.upper / "etc/machine-id").unlink(missing_ok=True)
-    for key in (layer.upper / "etc/ssh").glob("ssh_host_*"):
-        key.unlink()
+def _forget_identity(layer: Layer) -> None:
+    """Leave out the host keys, so that `add` makes new ones (the machine-id it writes
+    anew anyway)."""
+    for key in layer.tree.names("etc/ssh"):
+        if key.startswith("ssh_host_"):
+            layer.tree.remove(f"etc/ssh/{key}")
 
 
 # --- reading an archive -------------------------------------------------------------
@@ -219,6 +227,7 @@ def _read(readable: Path, archive: Path) -> tuple[Manifest, str]:
     manifest: Manifest | None = None
     config_text: str | None = None
     has_layer = False
+    base = 0  # the uid range the tree's owners are in: a layer's, or 0 for a whole tree
     try:
         with tarfile.open(readable, "r:*") as tar_file:
             for member in tar_file:
@@ -232,7 +241,9 @@ def _read(readable: Path, archive: Path) -> tuple[Manifest, str]:
                     continue
                 if manifest is None:  # written first, so the rest is judged by it
                     raise _not_an_export(archive)
-                problem = _problem(member, name, full=manifest.full)
+                if name == UPPER:  # its owner is the guest's root: the range is its
+                    base = member.uid // RANGE * RANGE
+                problem = _problem(member, name, full=manifest.full, base=base)
                 if problem:
                     raise OperationError(
                         f"{archive}: member {member.name!r} {problem}; nothing was imported",
@@ -287,8 +298,9 @@ def _plain_name(name: str) -> str:
     return "" if name == "." else name.rstrip("/")
 
 
-def _problem(member: tarfile.TarInfo, name: str, *, full: bool) -> str | None:
-    """What is wrong with a member of the tree (of a layer, unless `full`), or None."""
+def _problem(member: tarfile.TarInfo, name: str, *, full: bool, base: int) -> str | None:
+    """What is wrong with a member of the tree (of a layer, unless `full`), or None.
+    `base`: the first uid of the range the guest's files are in."""
     if member.name.startswith("/"):
         return "has an absolute path"
     if ".." in PurePosixPath(name).parts:
@@ -310,6 +322,11 @@ def _problem(member: tarfile.TarInfo, name: str, *, full: bool) -> str | None:
         resolved = posixpath.normpath(posixpath.join(posixpath.dirname(inside), member.linkname))
         if resolved == ".." or resolved.startswith("../"):
             return f"is a symbolic link to {member.linkname!r}, which leads out of the tree"
+    for bit, what, owner in ((stat.S_ISUID, "uid", member.uid), (stat.S_ISGID, "gid", member.gid)):
+        if member.mode & bit and not base <= owner < base + RANGE:
+            # Not the guest's: set-id to an owner of the host (root, say), which any
+            # user who reached the file could run.
+            return f"is set-{what} {owner}, outside the container's ids {base}-{base + RANGE - 1}"
     if member.ischr() or member.isblk():
         # In a layer, a character device 0:0 is how overlayfs marks a deleted file.
         whiteout = not full and member.ischr() and (member.devmajor, member.devminor) == (0, 0)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from nspawnctl.atomic import write_atomic
 from nspawnctl.errors import OperationError
 from nspawnctl.log import log
 from nspawnctl.render import GENERATED_MARK, RenderedFile
@@ -33,23 +32,6 @@ def check_writable(path: Path) -> None:
         )
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write a whole file or nothing: a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def restore_file(path: Path, previous: str | None) -> None:
     """Put back a file's previous text, or take it away if there was none (to undo)."""
     if previous is None:
@@ -65,16 +47,6 @@ def remove_file(path: Path) -> None:
     if path.parent.name.endswith(".d"):
         with contextlib.suppress(FileNotFoundError, OSError):
             path.parent.rmdir()
-
-
-def remove_tree(path: Path) -> None:
-    """Rename first, then delete: an interrupted delete leaves a hidden leftover,
-    never a half-deleted container under its real name."""
-    if not path.exists():
-        return
-    doomed = path.with_name(f".{path.name}.removing-{os.getpid()}")
-    path.rename(doomed)
-    shutil.rmtree(doomed)
 
 
 def systemd_verify(staging: Path, units: Iterable[str]) -> tuple[int, list[str]]:

@@ -12,6 +12,7 @@ to the old state or at the new one, never half-way."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -20,9 +21,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from nspawnctl.atomic import write_atomic
 from nspawnctl.bus import Systemd
 from nspawnctl.faults import checkpoint
-from nspawnctl.install import Undo, remove_file, remove_tree, write_atomic
+from nspawnctl.guesttree import GuestTree, remove_tree
+from nspawnctl.install import Undo, remove_file
 from nspawnctl.log import log
 
 # Taking back: restore a file (None: delete it), delete a tree, delete an empty
@@ -37,6 +40,9 @@ class Step:
     previous: str | None = None  # "file": what it held before; None: it did not exist
     mode: int = 0o644
     owner: int = 0  # "file": its uid and gid (a guest's file: its root's, see userns.py)
+    # "file" of a guest: the root of its tree (a layer's upper/); `path` is then relative
+    # to it, and the file is put back through guesttree, never through a link.
+    root: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,17 +68,30 @@ class Intent:
     ) -> None:
         self.path = directory / f"{verb}-{name}.json"
         self.record = Record(verb, name, forward, options=options)
-        directory.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        # Held until the change is complete; released by the kernel if the process dies,
-        # which is how recovery tells an abandoned record from one still being written.
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        self._save()
+        self._fd = -1
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Held until the change is complete; released by the kernel if the process
+            # dies, which is how recovery tells an abandoned record from one being written.
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._save()
+        except OSError as err:
+            # A full file system (a guest may fill it) must not lock the admin out of
+            # `remove`, the way out: a change that only goes forward needs no record to
+            # be taken back, and an interrupted one is finished by running it again.
+            if not forward or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                self.close()
+                raise
+            log.warning("no room to record `%s %s` before it starts: going on without", verb, name)
+            self.close()
+            self.path.unlink(missing_ok=True)
 
     def add(self, step: Step) -> None:
         """Record a step BEFORE taking it: taking back one that never happened is safe."""
         self.record = replace(self.record, steps=(*self.record.steps, step))
-        self._save()
+        if self._fd >= 0:
+            self._save()
 
     def _save(self) -> None:
         data = json.dumps(_to_data(self.record)).encode()
@@ -94,6 +113,14 @@ def take_back(step: Step, systemd: Systemd) -> None:
     """Undo one recorded step; each is harmless if the step was never taken."""
     path = Path(step.path)
     match step.kind:
+        case "file" if step.root:
+            tree = GuestTree(Path(step.root), step.root)
+            if step.previous is None:
+                tree.remove(step.path)
+            else:
+                owner = (step.owner, step.owner)
+                make = lambda _relative: (0o755, *owner)  # noqa: E731
+                tree.write(step.path, step.previous, step.mode, owner, create=make)
         case "file":
             if step.previous is None:
                 remove_file(path)

@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import stat
 from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path, PurePath, PurePosixPath
 
+from nspawnctl.atomic import write_atomic
 from nspawnctl.errors import OperationError
+from nspawnctl.guesttree import DirMaker, GuestTree
 from nspawnctl.paths import Paths
 from nspawnctl.run import run
 from nspawnctl.userns import base_of, shift_ownership, unescape_mountinfo, version_of
+
+MACHINE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -50,38 +56,78 @@ class Layer:
     def mount_options(self, lower: Path) -> str:
         return f"lowerdir={lower},upperdir={self.upper},workdir={self.work}"
 
-    def make_dirs(self, relative: Path, lower: Path) -> Path:
-        """Create `relative`'s directories in the upper layer with the image's modes and
-        owners: an upper directory's attributes win over the image's, so a plain
-        mkdir would turn /root's 0700 into 0755. `lower` is the image version itself
-        (owned by 0 on disk); the owners are moved into the layer's uid range."""
-        base = self.uid_base
-        current = self.upper
-        for part in relative.parts:
-            current = current / part
-            below = lower / current.relative_to(self.upper)
-            if current.is_dir():
-                continue
-            if below.is_dir() and not below.is_symlink():
-                st = below.stat()
-                current.mkdir(mode=0o700)
-                os.chown(current, base + st.st_uid, base + st.st_gid)
-                current.chmod(st.st_mode & 0o7777)
-            else:
-                current.mkdir(mode=0o700 if part == ".ssh" else 0o755)
-                os.chown(current, base, base)
-        return current
+    @property
+    def tree(self) -> GuestTree:
+        """The guest's files: touched only through this (guesttree.py)."""
+        return GuestTree(self.upper, f"the layer of {self.path.name}")
+
+    @property
+    def identity_file(self) -> Path:
+        """The container's machine-id as the host keeps it: beside upper/, out of the
+        guest's reach. It names host paths (the journal directory) and goes into host
+        units, so it is never read back from the guest's own /etc/machine-id."""
+        return self.path / "machine-id"
+
+    @property
+    def machine_id(self) -> str | None:
+        try:
+            text = self.identity_file.read_text()
+        except FileNotFoundError:
+            return self._adopt_guest_machine_id()
+        return checked_machine_id(text.strip(), str(self.identity_file))
+
+    def _adopt_guest_machine_id(self) -> str | None:
+        """A layer made before the host kept its machine-id: the guest's, checked as data
+        once, then kept on the host (a root-only write) so it is never read again."""
+        if not self.upper.is_dir():
+            return None
+        try:
+            text = self.tree.read_text("etc/machine-id", limit=64)
+        except OSError:
+            return None
+        mid = (text or "").strip()
+        if not MACHINE_ID.fullmatch(mid):
+            return None
+        with contextlib.suppress(OSError):  # not root: read-only verbs still work
+            self.keep_machine_id(mid)
+        return mid
+
+    def keep_machine_id(self, mid: str) -> None:
+        write_atomic(self.identity_file, checked_machine_id(mid, "machine-id") + "\n", 0o600)
 
     def write(self, relative: PurePath, text: str, mode: int, lower: Path) -> None:
         """Write a file of the guest (owned by its root) into the layer, at `relative`
-        to the container's root; see make_dirs for `lower`."""
-        # Here, not at the top: install imports render, which imports this module.
-        from nspawnctl.install import write_atomic  # noqa: PLC0415
-
-        directory = self.make_dirs(Path(relative.parent), lower)
-        write_atomic(directory / relative.name, text, mode)
+        to the container's root, never through a link. Missing directories get the
+        image's modes and owners: an upper directory's attributes win over the image's,
+        so a plain mkdir would turn /root's 0700 into 0755. `lower` is the image version
+        itself (owned by 0 on disk); owners are moved into the layer's uid range."""
         base = self.uid_base
-        os.chown(directory / relative.name, base, base)
+        self.tree.write(
+            PurePosixPath(relative), text, mode, (base, base), create=self.dir_maker(lower)
+        )
+
+    def dir_maker(self, lower: Path) -> DirMaker:
+        base = self.uid_base
+
+        def make(relative: str) -> tuple[int, int, int]:
+            with contextlib.suppress(OSError):
+                st = os.lstat(lower / relative)  # the image: the store's, trusted
+                if stat.S_ISDIR(st.st_mode):
+                    return stat.S_IMODE(st.st_mode), base + st.st_uid, base + st.st_gid
+            return (0o700 if relative.endswith(".ssh") else 0o755), base, base
+
+        return make
+
+
+def checked_machine_id(text: str, where: str) -> str:
+    """A machine-id is 32 lowercase hex digits: anything else is refused, whoever wrote
+    it (it becomes a host path and a word of a host unit)."""
+    if not MACHINE_ID.fullmatch(text):
+        raise OperationError(
+            f"{where}: not a machine-id (32 hexadecimal digits)",
+            hint="nspawnctl keeps each container's machine-id itself; see SECURITY in nspawnctl(1)",
+        )
+    return text
 
 
 def reown_layer(layer: Layer, base: int) -> None:
@@ -114,19 +160,6 @@ def check_upper_filesystem(path: Path) -> None:
             f"{existing} is on overlayfs, which cannot hold a container's layer",
             hint="put NSPAWNCTL_STATE_DIR (default /var/lib/nspawnctl) on a real file system",
         )
-
-
-def disk_usage(path: Path) -> int:
-    """Bytes of disk a tree really takes (allocated blocks, hard links counted once)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for directory, dirs, files in os.walk(path):
-        for name in (*dirs, *files):
-            st = os.lstat(os.path.join(directory, name))
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
-    return total
 
 
 def overlay_lowers() -> dict[Path, Path]:

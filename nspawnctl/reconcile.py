@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from nspawnctl.atomic import write_atomic
 from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig, check_conflicts, load_config
 from nspawnctl.container import (
@@ -19,7 +20,7 @@ from nspawnctl.container import (
     stop_container,
 )
 from nspawnctl.errors import ConfigError, OperationError
-from nspawnctl.install import check_writable, is_ours, remove_file, write_atomic
+from nspawnctl.install import check_writable, is_ours, remove_file
 from nspawnctl.intent import Step, Transaction
 from nspawnctl.layers import Layer
 from nspawnctl.log import log
@@ -36,7 +37,9 @@ class FileChange:
     old: str | None  # None: a new file
     new: str | None  # None: the file goes
     mode: int = 0o644
-    guest: bool = False
+    # A guest's file: its path relative to the layer's root, where it is read and
+    # written only through the layer's GuestTree (guesttree.py).
+    guest: PurePosixPath | None = None
 
     def diff(self) -> str:
         return "".join(
@@ -80,6 +83,10 @@ class Plan:
         return any(c.path not in quiet for c in self.changes)
 
 
+# A file's host path, and for a guest's file its path relative to the layer's root.
+_Where = tuple[Path, PurePosixPath | None]
+
+
 def plan(paths: Paths, config: ContainerConfig, config_text: str) -> Plan:
     """Every file that differs between what `config` renders to and what is installed.
     `config.source` must be the installed config file's path."""
@@ -96,28 +103,33 @@ def plan(paths: Paths, config: ContainerConfig, config_text: str) -> Plan:
     image = ImageStore(paths.image_dir).find(config.image)
     rendering = rendering_for(paths, config, image)
     lower = image_version(paths, config, image)
-    upper = Layer.of(paths, name).upper
-    wanted: dict[Path, tuple[str, int, bool]] = {config.source: (config_text, 0o644, False)}
+    layer = Layer.of(paths, name)
+
+    def read(path: Path, guest: PurePosixPath | None) -> str | None:
+        return _read(path) if guest is None else _read_guest(layer, guest)
+
+    wanted: dict[_Where, tuple[str, int]] = {(config.source, None): (config_text, 0o644)}
     for file in rendering.host:
-        wanted[Path(file.path)] = (file.text, file.mode, False)
+        wanted[Path(file.path), None] = (file.text, file.mode)
     for file in rendering.guest:
-        wanted[upper / file.path] = (file.text, file.mode, True)
+        wanted[layer.upper / file.path, file.path] = (file.text, file.mode)
     # What an earlier configuration wrote that this one does not (a proxy, the idle
     # timer): judged by rendering the installed configuration, since the guest's own
     # files cannot be told apart from ours by looking at them.
-    stale: dict[Path, bool] = {p: False for p in host_targets(paths, name).values() if is_ours(p)}
+    stale: list[_Where] = [(p, None) for p in host_targets(paths, name).values() if is_ours(p)]
     if installed is not None:
-        for file in rendering_for(paths, installed, image).guest:
-            stale[upper / file.path] = True
+        stale += [
+            (layer.upper / f.path, f.path) for f in rendering_for(paths, installed, image).guest
+        ]
     changes = [
         FileChange(path, old, text, mode, guest)
-        for path, (text, mode, guest) in wanted.items()
-        if (old := _read(path)) != text
+        for (path, guest), (text, mode) in wanted.items()
+        if (old := read(path, guest)) != text
     ]
     changes += [
         FileChange(path, old, None, guest=guest)
-        for path, guest in stale.items()
-        if path not in wanted and (old := _read(path)) is not None
+        for path, guest in dict.fromkeys(stale)
+        if (path, guest) not in wanted and (old := read(path, guest)) is not None
     ]
     return Plan(paths, config, lower, tuple(changes))
 
@@ -143,7 +155,7 @@ def carry_out(systemd: Systemd, plan: Plan, *, restart: bool = True, verb: str =
         return False
     name, paths = plan.name, plan.paths
     for change in plan.changes:
-        if not change.guest and change.path != plan.config.source:  # the YAML is the user's
+        if change.guest is None and change.path != plan.config.source:  # the YAML is the user's
             check_writable(change.path)
     reboot = restart and plan.needs_restart and is_running(systemd, name)
     if reboot:
@@ -157,15 +169,20 @@ def carry_out(systemd: Systemd, plan: Plan, *, restart: bool = True, verb: str =
     with Transaction(paths.intent_dir, verb, name, systemd) as transaction:
         transaction.step(Step("reload"))
         for change in plan.changes:
-            # A guest's file is owned by its root, in the layer's uid range (userns.py).
-            owner = layer.uid_base if change.guest else 0
-            transaction.step(Step("file", str(change.path), change.old, change.mode, owner))
+            if change.guest is not None:
+                # Owned by the guest's root, in the layer's uid range (userns.py).
+                base = layer.uid_base
+                relative = str(change.guest)
+                root = str(layer.upper)
+                transaction.step(Step("file", relative, change.old, change.mode, base, root))
+                if change.new is None:
+                    layer.tree.remove(change.guest)
+                else:
+                    layer.write(change.guest, change.new, change.mode, plan.lower)
+                continue
+            transaction.step(Step("file", str(change.path), change.old, change.mode))
             if change.new is None:
                 remove_file(change.path)
-            elif change.guest:
-                # Owned by the guest's root, in the layer's uid range (userns.py).
-                relative = change.path.relative_to(layer.upper)
-                layer.write(relative, change.new, change.mode, plan.lower)
             else:
                 write_atomic(change.path, change.new, change.mode)
         systemd.reload()
@@ -186,6 +203,12 @@ def _installed_config(paths: Paths, name: str) -> ContainerConfig | None:
         return load_config(name, paths.config_file(name))
     except ConfigError:
         return None
+
+
+def _read_guest(layer: Layer, relative: PurePosixPath) -> str | None:
+    """A file of the guest's as text, read through its GuestTree (never through a link);
+    undecodable bytes are kept visible as replacement characters in a diff."""
+    return layer.tree.read_text(relative)
 
 
 def _read(path: Path) -> str | None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from nspawnctl.config import ContainerConfig
 from nspawnctl.errors import UsageError
-from nspawnctl.layers import Layer
+from nspawnctl.layers import Layer, checked_machine_id
 from nspawnctl.listen import Listen
 from nspawnctl.names import lower_unit, mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
@@ -79,6 +79,7 @@ class RenderedFile:
 class Rendering:
     host: tuple[RenderedFile, ...]
     guest: tuple[RenderedFile, ...]
+    machine_id: str  # the container's: the host keeps it beside the layer (layers.py)
 
     def all_files(self, machine_dir: Path) -> list[RenderedFile]:
         """Every file with its host path, guest files below `machine_dir` (the container's
@@ -165,7 +166,7 @@ def render(config: ContainerConfig, paths: Paths, state: MachineState) -> Render
         "name": name,
         "source": str(config.source),
         "hostname": config.hostname,
-        "machine_id": state.machine_id,
+        "machine_id": checked_machine_id(state.machine_id, "machine-id"),
         "image": config.image.image,
         "mount_unit": mount_unit(paths.machine_dir(name)),
         "overlay_options": layer.mount_options(lower_path(state.lower, state.uid_base)),
@@ -178,6 +179,9 @@ def render(config: ContainerConfig, paths: Paths, state: MachineState) -> Render
         "guest_journal": str(paths.journal_dir / state.machine_id),
         "directory": str(paths.machine_dir(name)),
         "socket_unit": socket_unit(name),
+        "nspawn_file": str(host_targets(paths, name)["container.nspawn.j2"]),
+        # The guest's quiesce lets accepted connections finish for 10 s (its script).
+        "quiesce_seconds": 15,
         "service_unit": service_unit(name),
         "ssh_listen": config.ssh.listen.unit_value(),
         "authorized_keys": config.ssh.authorized_keys,
@@ -216,7 +220,7 @@ def render(config: ContainerConfig, paths: Paths, state: MachineState) -> Render
                 context, **({match.group(1): item} if match else {})
             )
             guest.append(RenderedFile(PurePosixPath(path), text, _GUEST_MODES.get(path, 0o644)))
-    return Rendering(host=host, guest=tuple(guest))
+    return Rendering(host=host, guest=tuple(guest), machine_id=state.machine_id)
 
 
 def _always(_config: ContainerConfig) -> bool:

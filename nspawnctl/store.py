@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -24,9 +23,11 @@ from pathlib import Path
 from nspawnctl.bootstrap import bootstrapper
 from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.faults import checkpoint
+from nspawnctl.guesttree import copy_tree, delete, walk
 from nspawnctl.log import Progress, log
 from nspawnctl.recipe import TEMPLATE, Recipe
 from nspawnctl.run import run
+from nspawnctl.userns import RANGE
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class ImageStore:
             progress.done(f"image {recipe.image} is ready ({recipe.key})")
         finally:
             if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+                delete(staging)
         image = self.find(recipe)
         assert image is not None
         return image
@@ -142,9 +143,9 @@ class ImageStore:
             number = int(image.next_version[1:])
             staging = image.path / f".v{number}.tmp"
             if staging.exists():  # left by an interrupted update
-                shutil.rmtree(staging)
+                delete(staging)
             try:
-                run(["cp", "-a", "--reflink=auto", old, staging])
+                copy_tree(old, staging)
                 checkpoint("image update: copied")
                 run(
                     [
@@ -167,7 +168,7 @@ class ImageStore:
                 staging.rename(new)
                 checkpoint("image update: new version in place")
             except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
+                delete(staging)
                 raise
             link = image.path / ".current.tmp"
             link.unlink(missing_ok=True)
@@ -182,7 +183,7 @@ class ImageStore:
         with self.locked():
             for version in image.versions():
                 if version != image.current and version not in in_use:
-                    shutil.rmtree(version)
+                    delete(version)
                     gone.append(version)
         return gone
 
@@ -190,7 +191,7 @@ class ImageStore:
         with self.locked():
             doomed = image.path.with_name(f".{image.key}.removing")
             image.path.rename(doomed)
-            shutil.rmtree(doomed)
+            delete(doomed)
 
     def images(self) -> list[Image]:
         found = []
@@ -201,7 +202,7 @@ class ImageStore:
 
 
 def _copy_tree(source: Path, target: Path) -> None:
-    run(["cp", "-a", "--reflink=auto", source, target])
+    copy_tree(source, target)
 
 
 def finish_rootfs(rootfs: Path, origin: str) -> None:
@@ -253,23 +254,48 @@ def refuse_host_symlinks(
 def sanitize(rootfs: Path) -> None:
     """No device nodes and nothing of a running system: a device node copied into a
     guest is a door from the container to the host's devices. systemd-nspawn gives
-    every container a fresh /dev, /proc, /sys and /run of its own."""
+    every container a fresh /dev, /proc, /sys and /run of its own. A set-uid or set-gid
+    file owned by an id no container maps (65536 and up: not the image's own, it came
+    from another host's ids) loses that bit: it would be nobody's in a container, and
+    a set-id program of some host user's outside one. The tree may come from anyone
+    (an archive, a directory): it is walked without following a link, to any depth."""
     for top in ("dev", "proc", "sys", "run"):
         path = rootfs / top
         if path.is_dir() and not path.is_symlink():
             for child in path.iterdir():
                 if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
+                    delete(child)
                 else:
                     child.unlink()
         elif not os.path.lexists(path):
             path.mkdir(mode=0o755)
-    device = stat.S_IFCHR, stat.S_IFBLK
-    for directory, _dirs, files in os.walk(rootfs):
-        for name in files:
-            file = os.path.join(directory, name)
-            if stat.S_IFMT(os.lstat(file).st_mode) in device:
-                os.unlink(file)
+    devices: list[str] = []
+    stripped: list[str] = []
+    for entry in walk(rootfs):
+        st = entry.stat
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            os.unlink(entry.name, dir_fd=entry.parent)
+            devices.append(entry.path)
+        elif stat.S_ISREG(st.st_mode) and _foreign_set_id(st):
+            with entry.opened() as inode:
+                os.chmod(inode, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+            stripped.append(entry.path)
+    if devices:
+        log.warning("left out %d device node(s), e.g. %r", len(devices), "/" + devices[0])
+    if stripped:
+        log.warning(
+            "took the set-uid/set-gid bit from %d file(s) owned by an id no container "
+            "maps (65536 or more), e.g. %r",
+            len(stripped),
+            "/" + stripped[0],
+        )
+
+
+def _foreign_set_id(st: os.stat_result) -> bool:
+    return bool(
+        (st.st_mode & stat.S_ISUID and st.st_uid >= RANGE)
+        or (st.st_mode & stat.S_ISGID and st.st_gid >= RANGE)
+    )
 
 
 def verify_rootfs(rootfs: Path, origin: str) -> None:

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import os
+import stat
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from nspawnctl import backup
+from nspawnctl.atomic import write_atomic
 from nspawnctl.backup import Snapshot
 from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig
 from nspawnctl.container import installed_uid_base, rendering_for, users_of
-from nspawnctl.errors import UsageError
+from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.faults import checkpoint
-from nspawnctl.install import write_atomic
+from nspawnctl.guesttree import walk
 from nspawnctl.intent import Transaction
 from nspawnctl.layers import Layer, overlay_lowers
+from nspawnctl.log import log
 from nspawnctl.paths import Paths
 from nspawnctl.recipe import Recipe
 from nspawnctl.render import Rendering, host_targets
@@ -140,21 +144,27 @@ def repoint_users(
 
 def changed_in_both(upper: Path, old: Path, new: Path, own: set[str]) -> list[str]:
     """Files a container has its own copy of (in its layer) that the update changed in
-    the image: the container's copy wins, so the update does not reach them."""
+    the image: the container's copy wins, so the update does not reach them. The layer
+    is the guest's (any shape, changing while it runs): a walk that fails or takes over
+    a minute is reported as such, and the update stands."""
     found = []
-    for directory, _dirs, files in os.walk(upper):
-        for name in files:
-            relative = os.path.relpath(os.path.join(directory, name), upper)
+    try:
+        for entry in walk(upper, deadline=time.monotonic() + 60):
+            relative = entry.path
+            if not stat.S_ISREG(entry.stat.st_mode):
+                continue
             if relative in own or relative.startswith("etc/ssh/ssh_host_"):
                 continue  # nspawnctl's own per-container files
             if _fingerprint(old / relative) != _fingerprint(new / relative):
                 found.append("/" + relative)
+    except (OSError, OperationError, TimeoutError) as err:
+        log.warning("could not compare %s's own files with the image: %s", upper.parent.name, err)
     return sorted(found)
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int] | None:
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return st.st_mode, st.st_size, st.st_mtime_ns

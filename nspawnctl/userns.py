@@ -28,6 +28,7 @@ from pathlib import Path
 
 from nspawnctl import idmap
 from nspawnctl.errors import OperationError
+from nspawnctl.guesttree import walk
 from nspawnctl.run import run
 
 RANGE = idmap.RANGE
@@ -162,29 +163,41 @@ def shift_ownership(tree: Path, old: int, new: int) -> None:
     def shift(value: int) -> int:
         return value - old + new if old <= value < old + RANGE else value
 
-    for directory, dirs, files in os.walk(tree):
-        names = [directory] if directory == str(tree) else []
-        names += [os.path.join(directory, n) for n in (*dirs, *files)]
-        for path in names:
-            st = os.lstat(path)
-            link = stat.S_ISLNK(st.st_mode)
-            caps = None if link else _get_xattr(path, _CAPS)
-            os.lchown(path, shift(st.st_uid), shift(st.st_gid))
-            if link:
-                continue
-            if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-                os.chmod(path, stat.S_IMODE(st.st_mode))
-            if caps is not None:
-                os.setxattr(path, _CAPS, _shift_caps(caps, shift))
-            for name in _ACLS:
-                acl = _get_xattr(path, name)
-                if acl is not None:
-                    os.setxattr(path, name, _shift_acl(acl, shift))
+    # The tree is the guest's: walked without following a link, to any depth, and
+    # each file changed through a descriptor of exactly the inode looked at.
+    top = os.stat(tree)
+    os.chown(tree, shift(top.st_uid), shift(top.st_gid))
+    for entry in walk(tree):
+        st = entry.stat
+        if stat.S_ISLNK(st.st_mode):
+            os.chown(
+                entry.name,
+                shift(st.st_uid),
+                shift(st.st_gid),
+                dir_fd=entry.parent,
+                follow_symlinks=False,
+            )
+            continue
+        with entry.opened() as path:
+            _shift_one(path, st, shift)
+
+
+def _shift_one(path: str, st: os.stat_result, shift: Callable[[int], int]) -> None:
+    caps = _get_xattr(path, _CAPS)
+    os.chown(path, shift(st.st_uid), shift(st.st_gid))
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+    if caps is not None:
+        os.setxattr(path, _CAPS, _shift_caps(caps, shift))
+    for name in _ACLS:
+        acl = _get_xattr(path, name)
+        if acl is not None:
+            os.setxattr(path, name, _shift_acl(acl, shift))
 
 
 def _get_xattr(path: str, name: str) -> bytes | None:
     try:
-        return os.getxattr(path, name, follow_symlinks=False)
+        return os.getxattr(path, name)  # a /proc/self/fd path: exactly that inode
     except OSError as err:
         if err.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
             return None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nspawnctl import backup, export
 from nspawnctl.errors import UsageError
-from nspawnctl.layers import disk_usage
+from nspawnctl.guesttree import disk_usage
 from nspawnctl.log import log
 from nspawnctl.names import machine_name
 from nspawnctl.paths import Paths

@@ -8,7 +8,7 @@ from pathlib import Path
 from nspawnctl.bootstrap import tar
 from nspawnctl.container import merged_view, users_of
 from nspawnctl.errors import OperationError, UsageError
-from nspawnctl.layers import disk_usage
+from nspawnctl.guesttree import disk_usage
 from nspawnctl.log import log
 from nspawnctl.names import machine_name
 from nspawnctl.paths import Paths

@@ -13,7 +13,8 @@ from nspawnctl.commands.lifecycle import require_installed
 from nspawnctl.config import ContainerConfig, load_config
 from nspawnctl.container import load_all, units_of
 from nspawnctl.errors import ConfigError
-from nspawnctl.layers import Layer, disk_usage, mounted_lower
+from nspawnctl.guesttree import disk_usage
+from nspawnctl.layers import Layer, mounted_lower
 from nspawnctl.log import log
 from nspawnctl.names import machine_name, service_unit, socket_unit
 from nspawnctl.paths import Paths
@@ -159,12 +160,21 @@ def _layer_info(paths: Paths, name: str, config: ContainerConfig | None) -> dict
     return {
         "layer": {
             "path": str(layer.path),
-            "bytes": disk_usage(layer.path) if layer.path.exists() else None,
+            "bytes": _layer_bytes(layer),
         },
         "uid_range": [base, base + RANGE - 1] if base else None,
         "image_version": version.name if version else None,
         "needs_restart": bool(mounted and current and mounted != current),
     }
+
+
+def _layer_bytes(layer: Layer) -> int | None:
+    """The layer's size, or None if it is not there or too big to count quickly (its
+    guest decides how many files it holds: status must not hang on it)."""
+    try:
+        return disk_usage(layer.path, seconds=5.0)
+    except (OSError, TimeoutError):
+        return None
 
 
 def run_status(args: argparse.Namespace, paths: Paths) -> int:
