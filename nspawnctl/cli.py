@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,18 +21,11 @@ from nspawnctl.commands import (
     show,
     which,
 )
-from nspawnctl.errors import NspawnctlError
+from nspawnctl.errors import NspawnctlError, from_os_error
 from nspawnctl.log import log, setup
 from nspawnctl.paths import Paths, environment_variables
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-_OS_HINT = "nspawnctl changes the host's configuration: run it as root"
-_OS_HINTS = {
-    errno.ENOSPC: "that file system is full: free some space, then run the command again",
-    errno.EDQUOT: "a disk quota is exhausted: free some space, then run the command again",
-    errno.EROFS: "that file system is mounted read-only",
-}
 
 # Verbs that touch nothing on the host, not even to settle an interrupted change.
 _PURE_VERBS = frozenset({"render"})
@@ -109,8 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A file nspawnctl could not read or write: say which, not where in the code.
         if args.debug:
             log.exception("traceback")
-        print(f"nspawnctl: error: {err}", file=sys.stderr)
-        print(f"hint: {_OS_HINTS.get(err.errno or 0, _OS_HINT)}", file=sys.stderr)
+        error = from_os_error(err)
+        print(f"nspawnctl: error: {error.message}", file=sys.stderr)
+        if error.hint:
+            print(f"hint: {error.hint}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as err:  # a bug: one line, the traceback with --debug
         if args.debug:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -51,3 +53,31 @@ def _one_line(text: str) -> str:
     """A file name or key as the user wrote it, unless it holds a line break or another
     control character: an error is one line, and its key may come from the YAML."""
     return text if text.isprintable() else repr(text)
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "that file system is full: free some space, then run the command again",
+    errno.EDQUOT: "a disk quota is exhausted: free some space, then run the command again",
+    errno.EROFS: "that file system is mounted read-only",
+}
+
+
+def from_os_error(err: OSError, context: str = "") -> OperationError:
+    """An OSError nothing expected (a file that could not be read or written), as one
+    line that says which file; "run it as root" only when not root and refused."""
+    hint = _OS_HINTS.get(err.errno or 0)
+    if hint is None and err.errno in (errno.EACCES, errno.EPERM) and os.geteuid() != 0:
+        hint = "nspawnctl changes the host's configuration: run it as root"
+    return OperationError(f"{context}{err}", hint=hint)
+
+
+def from_unexpected(err: Exception) -> OperationError:
+    """Any other exception, when one container's failure must not stop the others."""
+    if isinstance(err, OperationError):
+        return err
+    if isinstance(err, OSError):
+        return from_os_error(err)
+    return OperationError(
+        f"internal error: {type(err).__name__}: {err}",
+        hint="run again with --debug for the traceback, and report it",
+    )

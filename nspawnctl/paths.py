@@ -3,6 +3,7 @@ variable, so tests and demos run against a private root instead of the real host
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,6 +53,12 @@ class Paths:
         """Records of changes in progress (intent.py)."""
         return self.state_dir / "intents"
 
+    def private_dirs(self) -> tuple[Path, ...]:
+        """Directories only root may enter: they hold guests' trees, whose set-uid files
+        and devices are the guests' (systemd keeps /var/lib/machines at 0700 likewise)."""
+        state = self.state_dir
+        return (state, self.image_dir, state / "layers", state / "snapshots", self.machines_dir)
+
     def config_file(self, name: str) -> Path:
         return self.config_dir / f"{name}.yaml"
 
@@ -62,3 +69,15 @@ class Paths:
 def environment_variables() -> dict[str, str]:
     """The variable of each location, for --help and the man page test."""
     return {var: default for _attr, var, default in _LOCATIONS}
+
+
+def make_private(paths: Paths) -> None:
+    """Make the state directory if there is none, and every private directory 0700 (an
+    earlier nspawnctl left them 0755, any user could reach a guest's set-uid root files)."""
+    if os.geteuid() != 0:
+        return  # a read-only verb run by a user: nothing to make or change
+    paths.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for directory in paths.private_dirs():
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(directory).st_mode & 0o077:
+                os.chmod(directory, 0o700)

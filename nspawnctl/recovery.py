@@ -9,16 +9,19 @@ from pathlib import Path
 from nspawnctl import container
 from nspawnctl.bus import Systemd
 from nspawnctl.errors import NspawnctlError
-from nspawnctl.install import remove_tree
+from nspawnctl.guesttree import remove_tree
 from nspawnctl.intent import Record, abandoned, take_back
 from nspawnctl.log import log
-from nspawnctl.paths import Paths
+from nspawnctl.paths import Paths, make_private
 from nspawnctl.store import ImageStore
 from nspawnctl.update import repoint_users
 
 
 def settle(paths: Paths) -> list[str]:
-    """Finish or take back every change whose nspawnctl was killed; say what was done."""
+    """Finish or take back every change whose nspawnctl was killed; say what was done.
+    First of all, the state directory is made private, as it must be before anything
+    of a guest's is put there."""
+    make_private(paths)
     directory = paths.intent_dir
     if not directory.is_dir():
         return []
@@ -78,4 +81,7 @@ def _sweep_leftovers(paths: Paths) -> None:
                 and pid.isdigit()
                 and not Path(f"/proc/{pid}").exists()
             ):
-                remove_tree(Path(entry.path))
+                try:
+                    remove_tree(Path(entry.path))
+                except (OSError, NspawnctlError) as err:  # never in the way of the verb
+                    log.warning("cannot delete the leftover %r: %s", entry.path, err)

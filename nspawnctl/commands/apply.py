@@ -11,7 +11,7 @@ from nspawnctl import container, reconcile
 from nspawnctl.bus import Systemd
 from nspawnctl.commands.add import kept_as
 from nspawnctl.config import ContainerConfig, load_yaml, parse_config
-from nspawnctl.errors import ConfigError, NspawnctlError, UsageError
+from nspawnctl.errors import ConfigError, NspawnctlError, UsageError, from_unexpected
 from nspawnctl.install import is_ours
 from nspawnctl.names import check_machine_name
 from nspawnctl.paths import Paths
@@ -99,36 +99,7 @@ def run_apply(args: argparse.Namespace, paths: Paths) -> int:
     installed = installed_names(paths)
     tally = _Tally()
     for file in files:
-        name = file.stem
-        try:
-            config, text = _load(paths, file)
-        except NspawnctlError as err:
-            _report(name, err, tally.broken)
-            continue
-        try:
-            if name not in installed:
-                print(f"+ {name}: new container")
-                if not args.dry_run:
-                    container.add(paths, config, text)
-                tally.added.append(name)
-                continue
-            plan = reconcile.plan(paths, config, text)
-            if not plan.changes:
-                tally.unchanged.append(name)
-                continue
-            reconcile.check_listens(paths, plan)
-            restarts = plan.needs_restart and _running(name)
-            _announce(plan, restarts, args.dry_run)
-            tally.changed.append(name)
-            if args.dry_run:
-                if restarts:
-                    tally.restarted.append(name)
-                continue
-            with Systemd.connect() as systemd:
-                if reconcile.carry_out(systemd, plan):
-                    tally.restarted.append(name)
-        except NspawnctlError as err:
-            _report(name, err, tally.failed)
+        _apply_one(paths, args, file, installed, tally)
     gone = sorted(installed - {f.stem for f in files})
     for name in gone:
         if not args.prune:
@@ -141,10 +112,52 @@ def run_apply(args: argparse.Namespace, paths: Paths) -> int:
             tally.removed.append(name)
         except NspawnctlError as err:
             _report(name, err, tally.failed)
+        except Exception as err:
+            _report(name, from_unexpected(err), tally.failed)
     print(tally.summary(args.dry_run))
     if tally.failed:
         return 1
     return 2 if tally.broken else 0
+
+
+def _apply_one(
+    paths: Paths, args: argparse.Namespace, file: Path, installed: set[str], tally: _Tally
+) -> None:
+    """One YAML file of the fleet: whatever goes wrong is reported against it alone."""
+    name = file.stem
+    try:
+        config, text = _load(paths, file)
+    except NspawnctlError as err:
+        _report(name, err, tally.broken)
+        return
+    try:
+        if name not in installed:
+            print(f"+ {name}: new container")
+            if not args.dry_run:
+                container.add(paths, config, text)
+            tally.added.append(name)
+            return
+        plan = reconcile.plan(paths, config, text)
+        if not plan.changes:
+            tally.unchanged.append(name)
+            return
+        reconcile.check_listens(paths, plan)
+        restarts = plan.needs_restart and _running(name)
+        _announce(plan, restarts, args.dry_run)
+        tally.changed.append(name)
+        if args.dry_run:
+            if restarts:
+                tally.restarted.append(name)
+            return
+        with Systemd.connect() as systemd:
+            if reconcile.carry_out(systemd, plan):
+                tally.restarted.append(name)
+    except NspawnctlError as err:
+        _report(name, err, tally.failed)
+    except Exception as err:
+        # One container's failure, whatever it is (its guest may have shaped its layer
+        # against us), stops only that one.
+        _report(name, from_unexpected(err), tally.failed)
 
 
 def _announce(plan: reconcile.Plan, restarts: bool, dry_run: bool) -> None:
