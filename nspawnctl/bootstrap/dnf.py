@@ -30,6 +30,7 @@ from pathlib import Path
 
 from nspawnctl.bootstrap import Bootstrapper, Progress
 from nspawnctl.errors import OperationError
+from nspawnctl.guesttree import delete
 from nspawnctl.recipe import Recipe
 from nspawnctl.run import run
 
@@ -276,7 +277,7 @@ def _move_rpmdb(target: Path) -> None:
 def _remove_dnf_leftovers(target: Path) -> None:
     """What dnf leaves only for itself: repository metadata and its logs. /var/lib/dnf,
     the guest's package history, stays."""
-    shutil.rmtree(_inside(target, "var/cache/dnf"), ignore_errors=True)
+    delete(_inside(target, "var/cache/dnf"))
     logs = _inside(target, "var/log")
     for leftover in (*logs.glob("dnf*.log"), logs / "hawkey.log"):
         leftover.unlink(missing_ok=True)

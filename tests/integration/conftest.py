@@ -103,8 +103,10 @@ def squatter(host: TestHost, family: str, address: str, port: int) -> Iterator[N
         host.run(["systemctl", "stop", "squatter"])
 
 
-def nspawnctl(host: TestHost, *args: str, check: bool = True) -> CompletedProcess[str]:
-    return host.run([sys.executable, "-m", "nspawnctl", *args], check=check)
+def nspawnctl(
+    host: TestHost, *args: str, check: bool = True, timeout: float = 120.0
+) -> CompletedProcess[str]:
+    return host.run([sys.executable, "-m", "nspawnctl", *args], check=check, timeout=timeout)
 
 
 def ssh(host: TestHost, port: int, command: str, *, check: bool = True) -> CompletedProcess[str]:
