@@ -1,57 +1,115 @@
-"""logs: the journal of one container, or of every container merged with the host's."""
+"""logs: the journal of one container, or of every container merged with the host's.
+
+Entries are attributed by where they are stored, never by their fields, which a guest
+writes as it likes (nspawnctl/journal.py): a container's own entries come only from its
+own journal directory, the host's only from the host's own journal."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import socket
+import sys
 
+from nspawnctl import journal
 from nspawnctl.commands.lifecycle import require_installed
-from nspawnctl.container import machine_id
+from nspawnctl.container import config_names, machine_id, units_of
 from nspawnctl.errors import OperationError, UsageError
-from nspawnctl.names import machine_name, service_unit, socket_unit
+from nspawnctl.journal import HOST, Entry, Problems, Source
+from nspawnctl.names import machine_name
 from nspawnctl.paths import Paths
-from nspawnctl.run import run_interactive
+
+
+def _lines(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    help_text = "show a container's journal, or with --all every journal merged (journalctl -m)"
+    help_text = "show a container's journal, or with --all every journal merged with the host's"
     p = sub.add_parser("logs", help=help_text, description=help_text)
     p.add_argument("name", metavar="NAME", type=machine_name, nargs="?")
     p.add_argument("--all", action="store_true", help="every container merged with the host")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
-    p.add_argument("-n", "--lines", type=int, metavar="N", help="show the last N entries")
-    p.add_argument("-o", "--output", metavar="FORMAT", help="journalctl's output format")
+    p.add_argument("-n", "--lines", type=_lines, metavar="N", help="show the last N entries")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FORMAT",
+        choices=journal.FORMATS,
+        default="short",
+        help=f"one of {', '.join(journal.FORMATS)} (default short)",
+    )
     p.set_defaults(handler=run)
 
 
-def journal_argv(args: argparse.Namespace, paths: Paths) -> list[str]:
+def _container_source(paths: Paths, name: str) -> Source | None:
+    mid = machine_id(paths, name)
+    # machine_id() is the host's own record; it still becomes a path, so check it here.
+    if mid is None or not journal.MACHINE_ID.match(mid):
+        return None
+    return Source(name, paths.journal_dir / mid)
+
+
+def host_label(names: list[str]) -> str:
+    """How the host's lines are labelled: its hostname, as journalctl shows it, unless a
+    container has that name (or it is no plain name): then `.host`, which none can have."""
+    try:
+        hostname = socket.gethostname()
+        machine_name(hostname)
+    except (OSError, argparse.ArgumentTypeError):
+        return HOST
+    return HOST if hostname in names else hostname
+
+
+def sources(args: argparse.Namespace, paths: Paths) -> list[Source]:
     if args.all == (args.name is not None):
         raise UsageError("give either NAME or --all")
-    # --merge reads every journal below /var/log/journal, which includes each
-    # container's, kept there by systemd-nspawn --link-journal=try-host.
-    argv = ["journalctl", "--merge", "--no-pager"]
-    if args.follow:
-        argv.append("--follow")
-    if args.output is not None:
-        argv.append(f"--output={args.output}")
-    if args.lines is not None:
-        argv.append(f"--lines={args.lines}")
-    if args.name is not None:
-        require_installed(paths, args.name)
-        mid = machine_id(paths, args.name)
-        if mid is None:
-            raise OperationError(f"{args.name} has no /etc/machine-id, so no journal of its own")
-        # The guest's own entries, or (+) the host's entries about its units.
-        service, socket = service_unit(args.name), socket_unit(args.name)
-        argv += [
-            f"_MACHINE_ID={mid}",
-            "+",
-            f"_SYSTEMD_UNIT={service}",
-            "+",
-            f"UNIT={service}",
-            f"UNIT={socket}",
-        ]
-    return argv
+    if args.all:
+        found = [_container_source(paths, name) for name in config_names(paths)]
+        return [Source(HOST), *(s for s in found if s is not None)]
+    require_installed(paths, args.name)
+    own = _container_source(paths, args.name)
+    if own is None:
+        raise OperationError(f"{args.name} has no machine-id, so no journal of its own")
+    # The host's entries about the container's units: those its processes wrote (the
+    # nspawn process, which also relays the guest's console) and those systemd wrote
+    # about the units. Read from the host's own journal only, so no guest's file can
+    # add to them: there, _SYSTEMD_UNIT is journald's and UNIT= the host's processes'.
+    matches: list[str] = []
+    for unit in units_of(paths, args.name):
+        matches += [f"_SYSTEMD_UNIT={unit}", "+", f"UNIT={unit}", "+"]
+    return [own, Source(HOST, matches=tuple(matches[:-1]))]
 
 
 def run(args: argparse.Namespace, paths: Paths) -> int:
-    return run_interactive(journal_argv(args, paths))
+    chosen = sources(args, paths)
+    labels = {HOST: host_label(config_names(paths))}
+    out = sys.stdout
+
+    def emit(entry: Entry) -> None:
+        text = journal.format_entry(entry, args.output, labels.get(entry.source, entry.source))
+        out.write(text + "\n")
+
+    problems = Problems()
+    lines = args.lines
+    if args.follow and lines is None:
+        lines = 10  # as journalctl --follow
+    try:
+        cursors = journal.history(chosen, lines, emit, problems)
+        out.flush()
+        if args.follow:
+            journal.follow(chosen, cursors, emit, problems, flush=out.flush)
+    except BrokenPipeError:
+        # Our reader went away (`| head`): not an error. Keep Python from failing again
+        # on the final flush of stdout.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return 1 if problems.failed else 0
