@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime
 import heapq
 import json
@@ -36,7 +37,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -180,6 +181,17 @@ def format_entry(entry: Entry, fmt: str, label: str) -> str:
     # of them can pass for an entry of its own.
     indent = " " * len(prefix)
     return "\n".join((prefix if i == 0 else indent) + shown(line) for i, line in enumerate(lines))
+
+
+def relabel(entry: Entry, console_units: Mapping[str, str]) -> Entry:
+    """A host entry written by a container's nspawn process is under that container's
+    name: the process relays the guest's console, so its text is the guest's. Only the
+    host's entries are looked at: there `_SYSTEMD_UNIT` is journald's, from the
+    writer's cgroup; in a guest's journal it is whatever the guest wrote."""
+    if entry.source != HOST:
+        return entry
+    name = console_units.get(field_text(entry.fields.get("_SYSTEMD_UNIT")) or "")
+    return entry if name is None else dataclasses.replace(entry, source=name)
 
 
 def merge_last(streams: Iterable[Iterable[Entry]], lines: int | None) -> Iterator[Entry]:

@@ -17,7 +17,7 @@ from nspawnctl.commands.lifecycle import require_installed
 from nspawnctl.container import config_names, machine_id, units_of
 from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.journal import HOST, Entry, Problems, Source
-from nspawnctl.names import machine_name
+from nspawnctl.names import machine_name, service_unit
 from nspawnctl.paths import Paths
 
 
@@ -90,10 +90,13 @@ def sources(args: argparse.Namespace, paths: Paths) -> list[Source]:
 
 def run(args: argparse.Namespace, paths: Paths) -> int:
     chosen = sources(args, paths)
-    labels = {HOST: host_label(config_names(paths))}
+    known = config_names(paths)
+    labels = {HOST: host_label(known)}
+    console_units = {service_unit(name): name for name in known}
     out = sys.stdout
 
     def emit(entry: Entry) -> None:
+        entry = journal.relabel(entry, console_units)
         text = journal.format_entry(entry, args.output, labels.get(entry.source, entry.source))
         out.write(text + "\n")
 

@@ -90,10 +90,12 @@ def test_forged_fields_stay_with_the_forger(host: TestHost, pair: dict[str, str]
         " | logger --journald\n"
         "systemd-run --quiet --wait --unit=systemd-nspawn@victim.service "
         "echo forged-systemd-unit-1\n"
-        "logger -t hostcanary \"$(printf 'forged-escape-1 \\033[2J\\033]0;t\\007\\033[31m')\"\n",
+        "logger -t hostcanary \"$(printf 'forged-escape-1 \\033[2J\\033]0;t\\007\\033[31m')\"\n"
+        # Its console goes to the host's journal, written there by its nspawn process.
+        "echo forged-console-1 > /dev/console\n",
     )
     markers = ["forged-hostname-1", "forged-unit-field-1", "forged-systemd-unit-1"]
-    markers += ["forged-escape-1"]
+    markers += ["forged-escape-1", "forged-console-1"]
 
     def all_there() -> bool:
         out = logs(host, "--all", "-n", "3000")

@@ -25,6 +25,7 @@ from nspawnctl.journal import (
     merge_last,
     open_journal_files,
     parse_entry,
+    relabel,
 )
 
 CURSOR = "s=0123abcd;i=3a;b=0123456789abcdef0123456789abcdef;m=1f;t=61f;x=abc"
@@ -255,3 +256,14 @@ def test_reader_reports_a_failure_without_the_contents() -> None:
     reader.finish(problems)
     [warning] = problems.warnings
     assert "exit code 3" in warning and "\x1b" not in warning
+
+
+def test_the_hosts_entries_of_a_container_console_carry_its_name() -> None:
+    units = {"systemd-nspawn@web.service": "web"}
+    console = entry(1, HOST, _SYSTEMD_UNIT="systemd-nspawn@web.service", MESSAGE="guest")
+    assert relabel(console, units).source == "web"
+    started = entry(1, HOST, _SYSTEMD_UNIT="init.scope", UNIT="systemd-nspawn@web.service")
+    assert relabel(started, units).source == HOST
+    # A guest's own _SYSTEMD_UNIT is its to write: it never moves an entry.
+    forged = entry(1, "mallory", _SYSTEMD_UNIT="systemd-nspawn@web.service")
+    assert relabel(forged, units).source == "mallory"
