@@ -631,14 +631,16 @@ def read_public_keys(entry: str, *, base: Path) -> list[str]:
         raise ValueError(
             f"{entry!r} is neither a public key nor a readable file ({reason})"
         ) from None
-    lines = [ln.strip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    bad = [ln for ln in lines if not _KEY_RE.search(ln) or _CONTROL_RE.search(ln)]
+    numbered = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1)]
+    numbered = [(n, ln) for n, ln in numbered if ln and not ln.startswith("#")]
+    lines = [ln for _n, ln in numbered]
+    bad = [n for n, ln in numbered if not _KEY_RE.search(ln) or _CONTROL_RE.search(ln)]
     if bad or not lines:
         raise ValueError(
             f"{str(path)!r} holds no public key (is it the private key?)"
             if not lines or "PRIVATE KEY" in text
-            else f"{str(path)!r} has a line that is not a public key: {bad[0][:40]!r}"
+            # Which line, never what it says: the file may be a secret (/etc/shadow).
+            else f"{str(path)!r}: line {bad[0]} is not a public key"
         )
     return lines
 

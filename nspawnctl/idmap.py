@@ -131,8 +131,10 @@ def main(argv: list[str]) -> int:
         return 2
     source, target, base = Path(argv[0]), Path(argv[1]), int(argv[2])
     try:
-        # 0700: below it is every image, seen with container uids (root only).
-        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # 0700, each directory made: below is every image, seen with container uids.
+        for directory in (*reversed(target.parents), target):
+            if not directory.exists():
+                directory.mkdir(mode=0o700, exist_ok=True)  # another container's too
         idmapped_mount(source, target, inside=0, outside=base)
     except OSError as err:
         print(f"nspawnctl idmap: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -63,7 +64,8 @@ def booted_host(images: Path) -> Iterator[TestHost]:
     """A test host whose image store is `images` and whose container layers, and the
     snapshots of them, live on a real file system of this machine: overlayfs cannot use
     the host's own overlay root as an upper layer, nor hold a layer's whiteouts."""
-    with tempfile.TemporaryDirectory(prefix="nspawnctl-state-", dir="/var/tmp") as state:
+    state = tempfile.mkdtemp(prefix="nspawnctl-state-", dir="/var/tmp")
+    try:
         binds = [Bind(images, STORE_IN_HOST)]
         for sub in ("layers", "snapshots"):
             (Path(state) / sub).mkdir()
@@ -71,6 +73,9 @@ def booted_host(images: Path) -> Iterator[TestHost]:
         with TestHost(binds=binds) as host:
             host.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", CLIENT_KEY])
             yield host
+    finally:
+        # rm, not shutil.rmtree: a hostile guest's tree may be deeper than Python recurses.
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", state], check=False)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,12 @@ ME = (os.getuid(), os.getgid())
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> GuestTree:
+def tree(tmp_path: Path) -> Iterator[GuestTree]:
     (tmp_path / "root").mkdir()
     (tmp_path / "host").mkdir()
     (tmp_path / "host" / "secret").write_text("HOST SECRET")
-    return GuestTree(tmp_path / "root", "the layer of test")
+    yield GuestTree(tmp_path / "root", "the layer of test")
+    guesttree.delete(tmp_path / "root")  # pytest's own clean-up recurses: not deep trees
 
 
 def host(tree: GuestTree) -> Path:
