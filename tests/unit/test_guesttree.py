@@ -129,32 +129,30 @@ _BUILDS_LAYER_PATHS = {
 _WALKS = {("os", "walk"), ("shutil", "rmtree"), ("shutil", "copytree"), ("os", "fwalk")}
 
 
-def _modules() -> list[Path]:
-    return sorted(Path(nspawnctl.__file__).parent.rglob("*.py"))
+def _nodes(but: set[str]) -> Iterator[tuple[str, ast.AST]]:
+    """Every syntax node of the package's modules, but those named in `but`."""
+    for module in sorted(Path(nspawnctl.__file__).parent.rglob("*.py")):
+        if module.name not in but:
+            for node in ast.walk(ast.parse(module.read_text())):
+                yield module.name, node
 
 
 def test_no_module_but_guesttree_walks_or_deletes_trees() -> None:
-    for module in _modules():
-        if module.name in _OWN_WALKERS:
-            continue
-        for node in ast.walk(ast.parse(module.read_text())):
-            if (
-                isinstance(node, ast.Attribute)
-                and isinstance(node.value, ast.Name)
-                and (node.value.id, node.attr) in _WALKS
-            ):
-                pytest.fail(f"{module.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    for module, node in _nodes(_OWN_WALKERS):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and (node.value.id, node.attr) in _WALKS
+        ):
+            pytest.fail(f"{module}:{node.lineno}: {node.value.id}.{node.attr}")
 
 
 def test_no_module_builds_a_path_inside_a_layer_on_its_own() -> None:
-    for module in _modules():
-        if module.name in _BUILDS_LAYER_PATHS:
-            continue
-        for node in ast.walk(ast.parse(module.read_text())):
-            if (
-                isinstance(node, ast.BinOp)
-                and isinstance(node.op, ast.Div)
-                and isinstance(node.left, ast.Attribute)
-                and node.left.attr == "upper"
-            ):
-                pytest.fail(f"{module.name}:{node.lineno}: a path under a layer's upper/")
+    for module, node in _nodes(_BUILDS_LAYER_PATHS):
+        if (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Div)
+            and isinstance(node.left, ast.Attribute)
+            and node.left.attr == "upper"
+        ):
+            pytest.fail(f"{module}:{node.lineno}: a path under a layer's upper/")
