@@ -15,6 +15,7 @@ from nspawnctl.errors import ConfigError, NspawnctlError, UsageError, from_unexp
 from nspawnctl.install import is_ours
 from nspawnctl.names import check_machine_name
 from nspawnctl.paths import Paths
+from nspawnctl.screen import shown
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -166,7 +167,9 @@ def _announce(plan: reconcile.Plan, restarts: bool, dry_run: bool) -> None:
         print(f"  {plan.name} is running and boots with what changed: it will be restarted")
     if dry_run:
         for change in plan.changes:
-            print(change.diff(), end="")
+            # A guest's file holds what its root wrote: shown as text, never as controls.
+            diff = change.diff()
+            print(diff if change.guest is None else shown(diff, newlines=True), end="")
 
 
 def _running(name: str) -> bool:
