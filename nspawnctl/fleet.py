@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from nspawnctl.bus import Systemd
 from nspawnctl.container import config_names, is_installed, is_running, stop_container
 from nspawnctl.errors import NspawnctlError, OperationError, UsageError
+from nspawnctl.log import log
 from nspawnctl.names import service_unit
 from nspawnctl.paths import Paths
 from nspawnctl.run import StreamName, run_lines
@@ -56,20 +57,27 @@ def booted_leader(paths: Paths, name: str) -> int:
 
 
 def guest_command(name: str, command: Sequence[str], *, pty: bool) -> list[str]:
-    """The systemd-run command line that runs `command` in the container."""
+    """The systemd-run command line that runs `command` in the container: on a
+    pseudo-terminal of the guest's with `pty`, else with systemd-run's own stdin, stdout
+    and stderr handed to it."""
     # A transient unit of the guest's own systemd: the command runs in the container's
     # cgroup, under its seccomp filter and capability bounds, not as a host process
-    # entered into its namespaces. --pipe keeps stdout, stderr and the exit code apart
-    # for scripts. With --pty as well, systemd-run uses a pseudo-terminal when stdin,
-    # stdout and stderr are a terminal, and --pipe otherwise (systemd-run(1)).
+    # entered into its namespaces. --wait: systemd-run exits with the command's status,
+    # once its unit has ended. --pipe hands systemd-run's own file descriptors to the
+    # guest, which can keep them for as long as it likes (a process moved out of the
+    # unit, one it passes them to): so it must only ever be given pipes that nspawnctl
+    # closes when the command ends (run_lines, run_relayed), never the admin's terminal
+    # or pipe. --pty allocates a pseudo-terminal in the guest and copies between it and
+    # ours: the guest never holds our terminal. Not both: given both, systemd-run picks
+    # --pipe whenever one of stdin, stdout and stderr is not a terminal, and would hand
+    # the others, terminals, to the guest.
     return [
         "systemd-run",
         f"--machine={name}",
         "--quiet",
         "--wait",
         "--collect",
-        "--pipe",
-        *(["--pty"] if pty else []),
+        "--pty" if pty else "--pipe",
         "--working-directory=/root",
         "--setenv=HOME=/root",
         "--setenv=LANG=C.UTF-8",
@@ -126,9 +134,12 @@ def run_in_each(
 def _run_in_one(
     paths: Paths, name: str, *, command: Sequence[str], on_line: OutputSink, running_only: bool
 ) -> Outcome:
-    with Systemd.connect() as systemd:
-        # Read now, not when the run began: meanwhile it may have booted or stopped.
-        booted = not is_running(systemd, name)
+    try:
+        with Systemd.connect() as systemd:
+            # Read now, not when the run began: meanwhile it may have booted or stopped.
+            booted = not is_running(systemd, name)
+    except Exception as err:
+        return Outcome(name, problem=_problem(err))
     if booted and running_only:
         return Outcome(name, skipped="not running")
     exit_code: int | None = None
@@ -139,8 +150,10 @@ def _run_in_one(
         exit_code = run_lines(
             guest_command(name, command, pty=False), functools.partial(on_line, name)
         )
-    except NspawnctlError as err:
-        problems.append(err.message)
+    except Exception as err:
+        # Whatever went wrong is this container's: the others go on, and the summary
+        # names it as failed.
+        problems.append(_problem(err))
     finally:
         # Only what this booted: a container that was running stays as it was.
         if booted:
@@ -148,8 +161,8 @@ def _run_in_one(
                 with Systemd.connect() as systemd:
                     stop_container(systemd, name)
                 powered_off = True
-            except NspawnctlError as err:
-                problems.append(f"not powered off again: {err.message}")
+            except Exception as err:
+                problems.append(f"not powered off again: {_problem(err)}")
     return Outcome(
         name,
         exit_code=exit_code,
@@ -157,3 +170,10 @@ def _run_in_one(
         booted=booted,
         powered_off=powered_off,
     )
+
+
+def _problem(err: Exception) -> str:
+    if isinstance(err, NspawnctlError):
+        return err.message
+    log.debug("%s", err, exc_info=err)  # with --debug, the traceback
+    return f"{type(err).__name__}: {err}"

@@ -1,15 +1,19 @@
-"""Every subprocess nspawnctl starts goes through `run` (or `run_interactive`, `run_lines`)."""
+"""Every subprocess nspawnctl starts goes through `run` (or `run_interactive`, `run_lines`,
+`run_relayed`)."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import selectors
 import shlex
 import subprocess
-import threading
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 from nspawnctl.errors import OperationError
 from nspawnctl.log import log
@@ -88,11 +92,30 @@ def _stream(
 StreamName = Literal["stdout", "stderr"]
 LineSink = Callable[[StreamName, str], None]
 
+# A line longer than this is handed on in pieces of this size: a command that never
+# ends its line must not make nspawnctl hold all of it.
+MAX_LINE = 64 * 1024
+# Once the command has exited, what it wrote is in the pipes already: read on only while
+# more comes at once (DRAIN_IDLE), and for DRAIN_SECONDS at most. Whoever still holds the
+# pipes then (a process the command handed them to) gets EPIPE, and does not keep
+# nspawnctl waiting for an end of file that never comes.
+DRAIN_IDLE = 0.1
+DRAIN_SECONDS = 2.0
 
-def run_lines(argv: Argv, on_line: LineSink, *, env: Mapping[str, str] | None = None) -> int:
+
+def run_lines(
+    argv: Argv,
+    on_line: LineSink,
+    *,
+    env: Mapping[str, str] | None = None,
+    max_line: int = MAX_LINE,
+) -> int:
     """Run argv with stdin from /dev/null and hand each line of its stdout and of its
     stderr, without the newline, to `on_line` as it comes; return the exit code. The
-    streams stay apart, so stderr can go on being stderr. Safe to call from threads."""
+    streams stay apart, so stderr can go on being stderr. A line longer than `max_line`
+    bytes comes in pieces; a last line without a newline comes too. Returns when argv
+    has exited and its pipes are drained (boundedly), not when every copy of the pipes
+    is closed. Safe to call from threads."""
     args = [str(a) for a in argv]
     log.debug("+ %s", shlex.join(args))
     try:
@@ -101,45 +124,242 @@ def run_lines(argv: Argv, on_line: LineSink, *, env: Mapping[str, str] | None = 
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            encoding="utf-8",
-            errors="replace",  # a command's binary output must not end the reading
             env=_environment(env),
         )
     except FileNotFoundError:
         raise OperationError(
             f"{args[0]}: command not found", hint="install it, see README.md"
         ) from None
-    with proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        # One reader per pipe: reading one while the command fills the other one's
-        # pipe buffer would block both for good.
-        failed: list[BaseException] = []
-        reader = threading.Thread(target=_pump, args=(proc, proc.stderr, "stderr", on_line, failed))
-        reader.start()
-        _pump(proc, proc.stdout, "stdout", on_line, failed)
-        reader.join()
-        if failed:
-            raise failed[0]
+    assert proc.stdout is not None and proc.stderr is not None
+    splitters = {
+        proc.stdout.fileno(): _Lines("stdout", on_line, max_line),
+        proc.stderr.fileno(): _Lines("stderr", on_line, max_line),
+    }
+
+    def take(fd: int, data: bytes) -> None:
+        splitters[fd].feed(data)
+
+    try:
+        _relay(proc, {fd: take for fd in splitters})
+        for splitter in splitters.values():
+            splitter.end()
+    finally:
+        # Closed, so that whoever writes to them (the command, or a process it handed the
+        # pipes to) gets EPIPE instead of waiting on a full pipe for ever. If on_line
+        # failed (our own stdout closed, say), the command is ended too.
+        proc.stdout.close()
+        proc.stderr.close()
+        _end(proc)
     return proc.returncode
 
 
-def _pump(
-    proc: subprocess.Popen[str],
-    pipe: IO[str],
-    stream: StreamName,
-    on_line: LineSink,
-    failed: list[BaseException],
+class _Lines:
+    """Splits a stream's bytes into lines of at most `max_line` bytes, decoded."""
+
+    def __init__(self, stream: StreamName, on_line: LineSink, max_line: int) -> None:
+        self.stream, self.on_line, self.max_line = stream, on_line, max_line
+        self.buffer = bytearray()
+        self.cut = False  # pieces of the line in the buffer were handed on already
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        start = 0
+        while (end := self.buffer.find(b"\n", start)) >= 0:
+            # The end of a line whose pieces went before is no line of its own.
+            if end > start or not self.cut:
+                self._pieces(self.buffer[start:end])
+            self.cut = False
+            start = end + 1
+        del self.buffer[:start]
+        if len(self.buffer) >= self.max_line:
+            cut = _char_boundary(self.buffer, len(self.buffer) // self.max_line * self.max_line)
+            self._pieces(self.buffer[:cut])
+            del self.buffer[:cut]
+            self.cut = True
+
+    def end(self) -> None:
+        if self.buffer:
+            self._pieces(self.buffer)
+            self.buffer.clear()
+
+    def _pieces(self, line: bytearray) -> None:
+        start = 0
+        while True:
+            cut = _char_boundary(line, start + self.max_line)
+            # "replace": a command's binary output must not end the reading.
+            self.on_line(self.stream, line[start:cut].decode("utf-8", errors="replace"))
+            if cut >= len(line):
+                return
+            start = cut
+
+
+def _char_boundary(data: bytearray, at: int) -> int:
+    """`at`, moved back (by up to 3 bytes) off the middle of a UTF-8 character."""
+    if at >= len(data):
+        return len(data)
+    for back in range(4):
+        if at - back > 0 and data[at - back] & 0xC0 != 0x80:
+            return at - back
+    return at
+
+
+def _relay(
+    proc: subprocess.Popen[bytes],
+    readers: Mapping[int, Callable[[int, bytes], None]],
+    feed: tuple[int, int] | None = None,
 ) -> None:
+    """Hand what comes on each of `readers`' pipes to its function, and with `feed`
+    (source, pipe) copy the source's bytes into the pipe (argv's stdin), until `proc`
+    has exited and the pipes are drained, within DRAIN_SECONDS. One thread: nothing
+    blocks on a pipe nobody empties, or on a read the command's end makes pointless."""
+    exited = os.pidfd_open(proc.pid)
+    # poll, not epoll: a source may be a regular file (stdin `< FILE`), which epoll refuses.
+    with selectors.PollSelector() as selector, contextlib.closing(_Feed(selector, feed)) as stdin:
+        selector.register(exited, selectors.EVENT_READ, "exited")
+        for fd in readers:
+            selector.register(fd, selectors.EVENT_READ, "reader")
+        drain_until: float | None = None
+        try:
+            while True:
+                now = time.monotonic()
+                if drain_until is not None:  # it has exited: drain
+                    reading = any(k.data == "reader" for k in selector.get_map().values())
+                    if not reading or now >= drain_until:
+                        return
+                timeout = None if drain_until is None else min(DRAIN_IDLE, drain_until - now)
+                events = selector.select(timeout)
+                if not events and drain_until is not None:
+                    return  # nothing more comes at once
+                for key, _mask in events:
+                    fd = int(key.fd)
+                    if fd not in selector.get_map():
+                        continue  # dropped by an earlier event of this round
+                    if key.data == "exited":
+                        selector.unregister(fd)
+                        proc.wait()
+                        # It has ended: nothing more goes to its stdin, which a process it
+                        # handed stdin to could go on reading.
+                        stdin.close()
+                        drain_until = time.monotonic() + DRAIN_SECONDS
+                    elif key.data == "reader":
+                        data = os.read(fd, 65536)
+                        if not data:
+                            selector.unregister(fd)
+                        else:
+                            readers[fd](fd, data)
+                    else:
+                        stdin.ready(fd)
+        finally:
+            os.close(exited)
+
+
+class _Feed:
+    """Copies bytes from a source fd (nspawnctl's stdin) into a pipe (the command's
+    stdin), through the caller's selector: reads only when what it read before is
+    written, so a command that does not read makes nspawnctl read no more."""
+
+    def __init__(self, selector: selectors.BaseSelector, feed: tuple[int, int] | None) -> None:
+        self.selector = selector
+        self.source, self.pipe = feed or (-1, -1)
+        self.pending = b""
+        if self.pipe >= 0:
+            os.set_blocking(self.pipe, False)  # our own pipe: never the caller's fds
+            selector.register(self.source, selectors.EVENT_READ, "feed")
+
+    def ready(self, fd: int) -> None:
+        if fd == self.source:
+            data = os.read(self.source, 65536)
+            self.selector.unregister(self.source)
+            if not data:
+                self.source = -1  # end of input: the command sees it once the rest is written
+            self.pending = data
+        try:
+            written = os.write(self.pipe, self.pending) if self.pending else 0
+        except BlockingIOError:
+            written = 0
+        except BrokenPipeError:  # the command does not read its stdin any more
+            self.close()
+            return
+        self.pending = self.pending[written:]
+        if self.pending:
+            self._watch(self.pipe, selectors.EVENT_WRITE)
+        else:
+            self._unwatch(self.pipe)
+            if self.source >= 0:
+                self._watch(self.source, selectors.EVENT_READ)
+            else:
+                self.close()
+
+    def _watch(self, fd: int, events: int) -> None:
+        if fd not in self.selector.get_map():
+            self.selector.register(fd, events, "feed")
+
+    def _unwatch(self, fd: int) -> None:
+        if fd in self.selector.get_map():
+            self.selector.unregister(fd)
+
+    def close(self) -> None:
+        """Stop: read no more of the source (left open: it is the caller's) and close
+        the pipe, so the command (or whoever holds its stdin) gets an end of file."""
+        if self.source >= 0:
+            self._unwatch(self.source)
+            self.source = -1
+        if self.pipe >= 0:
+            self._unwatch(self.pipe)
+            os.close(self.pipe)
+            self.pipe = -1
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    """Reap proc; end it first if it still runs (nspawnctl gives up on it)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_relayed(argv: Argv, *, env: Mapping[str, str] | None = None) -> int:
+    """Run argv with pipes of nspawnctl's own as its stdin, stdout and stderr, copying
+    nspawnctl's stdin into the one and the others' bytes, unchanged, to nspawnctl's
+    stdout and stderr; return its exit code once it has exited and its output is
+    drained (boundedly). argv never gets nspawnctl's own file descriptors (a terminal,
+    the caller's pipe or file), so it cannot hand them on to a process that keeps them
+    after it has exited: all it ever holds are pipes that are closed when it ends."""
+    args = [str(a) for a in argv]
+    log.debug("+ %s", shlex.join(args))
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # what nspawnctl printed goes first
     try:
-        for line in pipe:
-            on_line(stream, line.removesuffix("\n"))
-    except BaseException as err:
-        # on_line failed (our own stdout closed, say). Nobody reads this pipe any more:
-        # close it, so that whoever writes to it (the command, or a process it handed
-        # the pipe to) gets EPIPE instead of waiting on a full pipe for ever.
-        failed.append(err)
-        pipe.close()
-        proc.kill()
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_environment(env),
+        )
+    except FileNotFoundError:
+        raise OperationError(f"{args[0]}: command not found") from None
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    # The pipe's write end is _Feed's to close, once input ends or the command does.
+    stdin_pipe = os.dup(proc.stdin.fileno())
+    proc.stdin.close()
+    out = {proc.stdout.fileno(): sys.stdout.fileno(), proc.stderr.fileno(): sys.stderr.fileno()}
+
+    def copy(fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(out[fd], view) :]
+
+    try:
+        _relay(proc, dict.fromkeys(out, copy), feed=(sys.stdin.fileno(), stdin_pipe))
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+        _end(proc)
+    return proc.returncode
 
 
 def command_failed(args: Sequence[str], code: int, output: str) -> OperationError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 
@@ -11,7 +12,8 @@ from nspawnctl.fleet import DEFAULT_JOBS, Outcome, booted_leader, guest_command,
 from nspawnctl.log import log
 from nspawnctl.names import check_machine_name, machine_name
 from nspawnctl.paths import Paths
-from nspawnctl.run import StreamName, run_interactive
+from nspawnctl.run import StreamName, run_interactive, run_relayed
+from nspawnctl.screen import shown
 
 _USAGE = """nspawnctl exec NAME [--] CMD [ARG...]
        nspawnctl exec [--running] [--jobs N] (--all | NAME...) -- CMD [ARG...]"""
@@ -89,8 +91,20 @@ def run_exec(args: argparse.Namespace, paths: Paths) -> int:
     if args.all or len(names) > 1 or args.running or args.jobs is not None:
         return _run_fleet(args, paths, names, command)
     booted_leader(paths, names[0])
-    # On the caller's terminal: stdin too, and the exit status passed through.
-    return run_interactive(guest_command(names[0], command, pty=True))
+    # The exit status passed through either way. The guest's root may keep whatever
+    # file descriptors it is given, and use them after the command has returned: write
+    # to them, read from them, change a terminal's modes. On a terminal (stdin, stdout
+    # and stderr all one), systemd-run --pty gives the command a pseudo-terminal of the
+    # guest's and copies between it and ours: the guest never holds our terminal.
+    # Otherwise (`| cat`, `> FILE`, `< FILE`, stdin alone a terminal) the command gets
+    # pipes of nspawnctl's own, which copies its stdin into the one and the others to
+    # its stdout and stderr until the command ends, and then closes them: the guest gets
+    # neither the terminal nor the caller's pipe or file. (Left to choose, as with
+    # `--pipe --pty`, systemd-run handed our terminal itself to the guest whenever one
+    # of the three was not a terminal.)
+    if all(os.isatty(fd) for fd in (0, 1, 2)):
+        return run_interactive(guest_command(names[0], command, pty=True))
+    return run_relayed(guest_command(names[0], command, pty=False))
 
 
 def _run_fleet(args: argparse.Namespace, paths: Paths, names: list[str], command: list[str]) -> int:
@@ -118,8 +132,12 @@ class _Prefixed:
 
     def __call__(self, name: str, stream: StreamName, line: str) -> None:
         out = sys.stdout if stream == "stdout" else sys.stderr
+        # The guest's line as text: an escape sequence in it could move back over the
+        # prefix and forge another container's line, or nspawnctl's summary. What the
+        # stream cannot encode (a non-UTF-8 locale) is escaped, not an error.
+        text = shown(line).encode(out.encoding or "utf-8", "backslashreplace")
         with self._lock:
-            print(f"{name}: {line}", file=out, flush=True)
+            print(f"{name}: {text.decode(out.encoding or 'utf-8')}", file=out, flush=True)
 
 
 def _summarise(outcomes: list[Outcome]) -> int:
@@ -143,7 +161,7 @@ def _summarise(outcomes: list[Outcome]) -> int:
 
 def _failure(outcome: Outcome) -> str:
     why = [f"exit code {outcome.exit_code}"] if outcome.exit_code not in (None, 0) else []
-    why += [outcome.problem] if outcome.problem else []
+    why += [shown(outcome.problem)] if outcome.problem else []
     return f"{outcome.name} ({'; '.join(why)})"
 
 
