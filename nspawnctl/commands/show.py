@@ -19,6 +19,7 @@ from nspawnctl.log import log
 from nspawnctl.names import machine_name, service_unit, socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.resources import KEYS as RESOURCE_KEYS
+from nspawnctl.screen import shown
 from nspawnctl.store import ImageStore
 from nspawnctl.userns import RANGE, base_of
 
@@ -99,6 +100,8 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
         ]
         for r in rows
     ]
+    # Shown as text: what systemd or a guest says must not act on the terminal.
+    table = [[shown(cell) for cell in row] for row in table]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -219,11 +222,13 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
         ),
     ]
     print(args.name)
+    # Shown as text: what machined, systemd or the guest's tree says must not act on
+    # the terminal (--json escapes on its own).
     for label, value in lines:
-        print(f"  {label + ':':<11}{value}")
+        print(f"  {label + ':':<11}{shown(value)}")
     if info["failed"]:
         why = ", ".join(f"{unit} ({result})" for unit, result in info["failed"].items())
-        print(f"  {'problem:':<11}systemd gave up on {why}")
+        print(f"  {'problem:':<11}systemd gave up on {shown(why)}")
         print(
             f"  {'':<11}try again: nspawnctl start {args.name}; "
             f"why: journalctl -u {service_unit(args.name)}"

@@ -8,6 +8,7 @@ from pathlib import Path
 from nspawnctl.bus import Systemd
 from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.paths import Paths
+from nspawnctl.screen import shown
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,7 +26,9 @@ def _pid(text: str) -> int:
 
 
 def run_which(args: argparse.Namespace, paths: Paths) -> int:
-    print(container_of(args.pid))
+    # machined's name for it, as text: a machine nspawnctl did not register is named by
+    # whoever did.
+    print(shown(container_of(args.pid)))
     return 0
 
 
