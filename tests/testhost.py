@@ -34,6 +34,9 @@ DEFAULT_MASK: tuple[str, ...] = (
 )
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NSPAWN_RUNDIR = Path("/run/systemd/nspawn")
+# The checkout this code runs from: the package and its templates, the tests, the
+# scripts. An editable install points into it.
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 class CommandFailed(subprocess.CalledProcessError):
@@ -157,6 +160,11 @@ class TestHost:
         for unit in self.mask:
             (self.root / "etc/systemd/system" / unit).unlink(missing_ok=True)
             (self.root / "etc/systemd/system" / unit).symlink_to("/dev/null")
+        # The host would empty /tmp at boot (tmpfiles' `D /tmp`), and with it a checkout
+        # there (the one bound below included): keep /tmp as it is, created, not cleaned.
+        tmpfiles = self.root / "etc/tmpfiles.d"
+        tmpfiles.mkdir(parents=True, exist_ok=True)
+        (tmpfiles / "tmp.conf").write_text("d /tmp 1777 root root -\n")
         # /run is not a tmpfs here and nspawn will not clean its propagation dirs on a real
         # disk. The lock keeps parallel runs from stacking a second tmpfs over a running
         # host's dirs. The mount is harmless and stays.
@@ -172,7 +180,11 @@ class TestHost:
         # --private-network keeps the host's ports off this machine's network.
         argv = ["systemd-nspawn", "--keep-unit", "--register=no", "--private-network", "-b"]
         argv += ["-D", str(self.root), f"--machine={self.machine}"]
-        argv += [f"--bind{'-ro' if b.readonly else ''}={b.source}:{b.target}" for b in self.binds]
+        # The checkout is bound explicitly, read-only, where it is: the overlay of / does
+        # not show a separate mount (/home on a partition of its own) nor reliably what
+        # changes under it, and nspawnctl runs inside from the checkout (editable install).
+        binds = (*self.binds, Bind(CHECKOUT, str(CHECKOUT), readonly=True))
+        argv += [f"--bind{'-ro' if b.readonly else ''}={b.source}:{b.target}" for b in binds]
         env = {"PATH": BASE_PATH, "TERM": "dumb"}  # TERM=dumb: a plain-text console log
         with open(self._log, "wb") as log:
             self._nspawn = subprocess.Popen(
