@@ -35,7 +35,9 @@ from nspawnctl.container import (
     uid_base_for,
 )
 from nspawnctl.errors import OperationError, UsageError
+from nspawnctl.faults import checkpoint
 from nspawnctl.guesttree import copy_tree, delete, remove_tree
+from nspawnctl.hold import held
 from nspawnctl.install import Undo, check_writable, restore_file, verify_units
 from nspawnctl.layers import MACHINE_ID, Layer, check_upper_filesystem, mounted_lower, reown_layer
 from nspawnctl.log import log
@@ -161,13 +163,12 @@ def require_container(paths: Paths, name: str) -> tuple[ContainerConfig, str]:
     return load_config(name, config_path), config_path.read_text(encoding="utf-8")
 
 
-def refuse_running(paths: Paths, name: str, what: str) -> None:
-    if is_running(paths, name):
-        raise UsageError(
-            f"{name} is running: its layer changes while it is copied",
-            hint=f"`nspawnctl stop {name}` first, or `{what} --force` for a copy taken "
-            "while it runs (files it is writing meanwhile may be torn)",
-        )
+def running_error(name: str, what: str) -> UsageError:
+    return UsageError(
+        f"{name} is running: its layer changes while it is copied",
+        hint=f"`nspawnctl stop {name}` first, or `{what} --force` for a copy taken "
+        "while it runs (files it is writing meanwhile may be torn)",
+    )
 
 
 def list_snapshots(paths: Paths, name: str) -> list[Snapshot]:
@@ -206,10 +207,12 @@ def take(paths: Paths, name: str, snap: str, *, force: bool = False) -> Snapshot
             f"{name} has a snapshot {snap!r} already",
             hint=f"choose another name, or `nspawnctl snapshot --remove {name} {snap}` first",
         )
-    live = is_running(paths, name)
-    if live and not force:
-        refuse_running(paths, name, f"nspawnctl snapshot {name}")
-    return _copy(paths, config, config_text, target, live=live)
+    # Held: a connection that arrives meanwhile waits, and boots it once the copy is done.
+    with Systemd.connect() as systemd, held(systemd, paths, name) as live:
+        if live and not force:
+            raise running_error(name, f"nspawnctl snapshot {name}")
+        checkpoint(f"snapshot: holding {name}")
+        return _copy(paths, config, config_text, target, live=live)
 
 
 def _copy(
@@ -378,16 +381,13 @@ def _swap(
     rendering: Rendering,
     staging: Layer,
 ) -> None:
-    """The exchange itself. The socket is stopped meanwhile, so that no connection boots
-    the container on a layer being swapped; it listens again afterwards, either way."""
+    """The exchange itself. The container is held stopped meanwhile (hold.py): its
+    socket keeps listening, and a connection that arrives waits for the swap to end,
+    then boots the container on the layer it is given."""
     name = config.name
     layer = Layer.of(paths, name)
-    socket = socket_unit(name)
-    listening = systemd.states([socket])[socket].active == "active"
-    if listening:
-        systemd.stop(socket)
-    try:
-        if is_running(paths, name):  # booted by a connection before the socket stopped
+    with held(systemd, paths, name) as running:
+        if running:
             raise UsageError(f"{name} is running", hint=f"`nspawnctl stop {name}` first")
         old = Layer(layer.path.with_name(f".{name}.old-{os.getpid()}"))
         undo = Undo()
@@ -411,9 +411,6 @@ def _swap(
         remove_tree(old.path)
         if network:
             reload_networkd(systemd, name)
-    finally:
-        if listening:
-            systemd.start(socket)
 
 
 def _put_back(path: Path, text: str | None, mode: int, undo: Undo) -> bool:

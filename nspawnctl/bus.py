@@ -36,6 +36,7 @@ class UnitState:
     load: str  # loaded, not-found, masked, ...
     active: str  # active, inactive, failed, activating, deactivating
     sub: str  # listening, running, dead, ...
+    job: str = ""  # the type of the job queued for it (start, stop...), "" if none
 
     def __str__(self) -> str:
         return f"{self.active} ({self.sub})" if self.load == "loaded" else self.load
@@ -239,7 +240,7 @@ class Systemd:
         rows = self._manager(
             b"ListUnitsByNames", b"as", [u.encode() for u in units], doing="listing units"
         )
-        states = [UnitState(text(r[0]), text(r[2]), text(r[3]), text(r[4])) for r in rows]
+        states = [UnitState(*(text(r[i]) for i in (0, 2, 3, 4, 8))) for r in rows]
         return {s.name: s for s in states}
 
     def loaded_states(self, patterns: Sequence[str]) -> dict[str, UnitState]:

@@ -15,6 +15,7 @@ from nspawnctl.config import ContainerConfig, check_conflicts, load_config
 from nspawnctl.errors import ConfigError, OperationError, UsageError
 from nspawnctl.faults import checkpoint
 from nspawnctl.guesttree import remove_tree
+from nspawnctl.hold import open_hold_file
 from nspawnctl.install import check_writable, is_ours, remove_file, verify_units
 from nspawnctl.intent import Step, Transaction
 from nspawnctl.layers import (
@@ -25,7 +26,7 @@ from nspawnctl.layers import (
     used_uid_bases,
 )
 from nspawnctl.log import log
-from nspawnctl.names import lower_unit, mount_unit, service_unit, socket_unit
+from nspawnctl.names import gate_unit, lower_unit, mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.ports import check_host_ports, host_listeners
 from nspawnctl.render import MachineState, Rendering, host_targets, render
@@ -70,6 +71,7 @@ def units_of(paths: Paths, name: str) -> list[str]:
         service_unit(name),
         mount_unit(paths.machine_dir(name)),
         lower_unit(name),
+        gate_unit(name),
     ]
 
 
@@ -220,6 +222,7 @@ def add(
             if not root.exists():
                 change.step(Step("rmdir", str(root)))
                 root.mkdir(parents=True)
+            os.close(open_hold_file(paths, name))  # its gate needs it at every boot
             change.step(Step("reload"))
             for file in rendering.host:
                 change.step(Step("file", str(file.path)))  # none of ours was there
@@ -378,6 +381,7 @@ def _remove(paths: Paths, name: str, systemd: Systemd, *, keep_rootfs: bool) -> 
         checkpoint("remove: deleted the layer")
         with contextlib.suppress(FileNotFoundError, OSError):
             root.rmdir()
+    paths.hold_file(name).unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):
         config_path.unlink()
 

@@ -30,11 +30,14 @@ from pathlib import Path, PurePosixPath
 
 from nspawnctl import container
 from nspawnctl.atomic import write_atomic
-from nspawnctl.backup import Manifest, is_running, manifest_of, refuse_running, require_container
+from nspawnctl.backup import Manifest, manifest_of, require_container, running_error
 from nspawnctl.bootstrap import tar
+from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig, dump_config, load_yaml, parse_config
 from nspawnctl.errors import OperationError, UsageError
+from nspawnctl.faults import checkpoint
 from nspawnctl.guesttree import remove_tree
+from nspawnctl.hold import held
 from nspawnctl.layers import MACHINE_ID, Layer
 from nspawnctl.names import check_machine_name
 from nspawnctl.paths import Paths
@@ -53,9 +56,19 @@ _HINT = "give a file that `nspawnctl export` wrote"
 
 def export(paths: Paths, name: str, target: Path, *, full: bool, force: bool) -> Manifest:
     config, config_text = require_container(paths, name)
-    live = is_running(paths, name)
-    if live and not force:
-        refuse_running(paths, name, f"nspawnctl export {name} FILE")
+    # Held: a connection that arrives meanwhile waits, and boots it once the archive is
+    # written (the archive then holds what a stopped container has, as it says).
+    with Systemd.connect() as systemd, held(systemd, paths, name) as live:
+        if live and not force:
+            raise running_error(name, f"nspawnctl export {name} FILE")
+        checkpoint(f"export: holding {name}")
+        return _export(paths, config, config_text, target, full=full, live=live)
+
+
+def _export(
+    paths: Paths, config: ContainerConfig, config_text: str, target: Path, *, full: bool, live: bool
+) -> Manifest:
+    name = config.name
     # The store's recipe: for a template it says where the template came from.
     image = ImageStore(paths.image_dir).find(config.image)
     manifest = manifest_of(paths, config, live=live, full=full)

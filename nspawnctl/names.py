@@ -51,6 +51,12 @@ def lower_unit(name: str) -> str:
     return f"nspawnctl-lower@{name}.service"
 
 
+def gate_unit(name: str) -> str:
+    """The unit every boot of the container passes, which waits while nspawnctl holds
+    the container stopped (hold.py). An instance name, as lower_unit's."""
+    return f"nspawnctl-gate@{name}.service"
+
+
 def mount_unit(path: Path) -> str:
     """The mount unit systemd expects for `path` (as `systemd-escape --path --suffix=mount`)."""
     text = "/".join(part for part in str(path).split("/") if part)

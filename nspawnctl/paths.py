@@ -59,6 +59,12 @@ class Paths:
         state = self.state_dir
         return (state, self.image_dir, state / "layers", state / "snapshots", self.machines_dir)
 
+    def hold_file(self, name: str) -> Path:
+        """The lock of a container's boot gate (hold.py). On disk, in root's own state,
+        and never replaced: it must be there at every boot, and be the same inode for
+        the gate and for nspawnctl."""
+        return self.state_dir / "hold" / name
+
     def config_file(self, name: str) -> Path:
         return self.config_dir / f"{name}.yaml"
 

@@ -13,13 +13,13 @@ from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig, check_conflicts, load_config
 from nspawnctl.container import (
     image_version,
-    is_running,
     load_all,
     reload_networkd,
     rendering_for,
     stop_container,
 )
 from nspawnctl.errors import ConfigError, OperationError
+from nspawnctl.hold import held
 from nspawnctl.install import check_writable, is_ours, remove_file
 from nspawnctl.intent import Step, Transaction
 from nspawnctl.layers import Layer
@@ -157,40 +157,43 @@ def carry_out(systemd: Systemd, plan: Plan, *, restart: bool = True, verb: str =
     for change in plan.changes:
         if change.guest is None and change.path != plan.config.source:  # the YAML is the user's
             check_writable(change.path)
-    reboot = restart and plan.needs_restart and is_running(systemd, name)
-    if reboot:
-        log.info("restarting %s: it boots with what changed", name)
-        stop_container(systemd, name)
-        # The mount too: a changed layer is written while nothing has it mounted.
-        systemd.stop(mount_unit(paths.machine_dir(name)))
-    layer = Layer.of(paths, name)
-    # Recorded before each write: an error takes them back here, a kill -9 has the next
-    # nspawnctl take them back (intent.py), so the old files come back, never a mix.
-    with Transaction(paths.intent_dir, verb, name, systemd) as transaction:
-        transaction.step(Step("reload"))
-        for change in plan.changes:
-            if change.guest is not None:
-                # Owned by the guest's root, in the layer's uid range (userns.py).
-                base = layer.uid_base
-                relative = str(change.guest)
-                root = str(layer.upper)
-                transaction.step(Step("file", relative, change.old, change.mode, base, root))
+    # Held stopped meanwhile (hold.py): a connection that arrives waits, and boots the
+    # container once its files are all written, never half-way.
+    with held(systemd, paths, name) as running:
+        reboot = restart and plan.needs_restart and running
+        if reboot:
+            log.info("restarting %s: it boots with what changed", name)
+            stop_container(systemd, name)
+            # The mount too: a changed layer is written while nothing has it mounted.
+            systemd.stop(mount_unit(paths.machine_dir(name)))
+        layer = Layer.of(paths, name)
+        # Recorded before each write: an error takes them back here, a kill -9 has the next
+        # nspawnctl take them back (intent.py), so the old files come back, never a mix.
+        with Transaction(paths.intent_dir, verb, name, systemd) as transaction:
+            transaction.step(Step("reload"))
+            for change in plan.changes:
+                if change.guest is not None:
+                    # Owned by the guest's root, in the layer's uid range (userns.py).
+                    base = layer.uid_base
+                    relative = str(change.guest)
+                    root = str(layer.upper)
+                    transaction.step(Step("file", relative, change.old, change.mode, base, root))
+                    if change.new is None:
+                        layer.tree.remove(change.guest)
+                    else:
+                        layer.write(change.guest, change.new, change.mode, plan.lower)
+                    continue
+                transaction.step(Step("file", str(change.path), change.old, change.mode))
                 if change.new is None:
-                    layer.tree.remove(change.guest)
+                    remove_file(change.path)
                 else:
-                    layer.write(change.guest, change.new, change.mode, plan.lower)
-                continue
-            transaction.step(Step("file", str(change.path), change.old, change.mode))
-            if change.new is None:
-                remove_file(change.path)
-            else:
-                write_atomic(change.path, change.new, change.mode)
-        systemd.reload()
-        if plan.changed("container.socket.j2"):
-            # New addresses are bound by a fresh start of the socket; the guest keeps
-            # the sockets it was given until its next boot.
-            systemd.stop(socket_unit(name))
-            systemd.start(socket_unit(name))
+                    write_atomic(change.path, change.new, change.mode)
+            systemd.reload()
+            if plan.changed("container.socket.j2"):
+                # New addresses are bound by a fresh start of the socket; the guest keeps
+                # the sockets it was given until its next boot.
+                systemd.stop(socket_unit(name))
+                systemd.start(socket_unit(name))
     if plan.changed("container.network.j2"):
         reload_networkd(systemd, name)
     if reboot:

@@ -14,7 +14,7 @@ from nspawnctl.config import ContainerConfig
 from nspawnctl.errors import UsageError
 from nspawnctl.layers import Layer, checked_machine_id
 from nspawnctl.listen import Listen
-from nspawnctl.names import lower_unit, mount_unit, service_unit, socket_unit
+from nspawnctl.names import gate_unit, lower_unit, mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.userns import IDMAP_SCRIPT, lower_path
 
@@ -137,6 +137,7 @@ def host_targets(paths: Paths, name: str) -> dict[str, Path]:
         "container.nspawn.j2": paths.nspawn_dir / f"{name}.nspawn",
         "container.mount.j2": paths.unit_dir / mount_unit(paths.machine_dir(name)),
         "container.lower.j2": paths.unit_dir / lower_unit(name),
+        "container.gate.j2": paths.unit_dir / gate_unit(name),
     }
 
 
@@ -172,6 +173,8 @@ def render(config: ContainerConfig, paths: Paths, state: MachineState) -> Render
         "overlay_options": layer.mount_options(lower_path(state.lower, state.uid_base)),
         "uid_base": state.uid_base,
         "lower_unit": lower_unit(name),
+        "gate_unit": gate_unit(name),
+        "hold_file": str(paths.hold_file(name)),
         "image_version": str(state.lower),
         "idmapped_lower": str(lower_path(state.lower, state.uid_base)),
         # -I -S: no site-packages, so a cold start pays ~25 ms for Python, not ~100 ms.

@@ -114,28 +114,29 @@ def nspawnctl(
     return host.run([sys.executable, "-m", "nspawnctl", *args], check=check, timeout=timeout)
 
 
+def ssh_argv(port: int, command: str) -> list[str]:
+    """A real OpenSSH client's command line, connecting to the test host's port."""
+    return [
+        "ssh",
+        "-p",
+        str(port),
+        "-i",
+        CLIENT_KEY,
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "ConnectTimeout=60",
+        "-o",
+        "LogLevel=ERROR",
+        "root@127.0.0.1",
+        command,
+    ]
+
+
 def ssh(host: TestHost, port: int, command: str, *, check: bool = True) -> CompletedProcess[str]:
     """A real OpenSSH client connecting to the test host's port."""
-    return host.run(
-        [
-            "ssh",
-            "-p",
-            str(port),
-            "-i",
-            CLIENT_KEY,
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "ConnectTimeout=60",
-            "-o",
-            "LogLevel=ERROR",
-            "root@127.0.0.1",
-            command,
-        ],
-        check=check,
-        timeout=120,
-    )
+    return host.run(ssh_argv(port, command), check=check, timeout=120)

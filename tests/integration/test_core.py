@@ -45,7 +45,9 @@ def leftovers(host: TestHost, name: str) -> list[str]:
         f"/etc/systemd/nspawn/{name}.nspawn",
         f"/etc/systemd/system/var-lib-machines-{name}.mount",
         f"/etc/systemd/system/nspawnctl-lower@{name}.service",
+        f"/etc/systemd/system/nspawnctl-gate@{name}.service",
         f"/var/lib/nspawnctl/layers/{name}",
+        f"/var/lib/nspawnctl/hold/{name}",
     ]
     found = host.run(
         [

@@ -6,11 +6,14 @@ deleted, chowned or run. SECURITY in nspawnctl(1) is the threat model."""
 
 from __future__ import annotations
 
+import signal
+import sys
 from collections.abc import Iterator
+from subprocess import PIPE
 
 import pytest
 
-from tests.integration.conftest import CLIENT_KEY, STATE_IN_HOST, nspawnctl, ssh
+from tests.integration.conftest import CLIENT_KEY, STATE_IN_HOST, nspawnctl, ssh, ssh_argv
 from tests.integration.test_core import leftovers, unit_state, wait_stopped
 from tests.testhost import TestHost
 
@@ -272,3 +275,44 @@ def test_remove_works_on_a_full_file_system(host: TestHost) -> None:
     # The original layer, hidden under the small file system meanwhile.
     nspawnctl(host, "remove", "full")
     assert leftovers(host, "full") == []
+
+
+def test_a_connection_during_a_verb_waits_and_is_served_after_it(host: TestHost) -> None:
+    """A verb that needs the container stopped holds it stopped: a connection that
+    arrives meanwhile boots nothing, waits in the host's socket, and is served once the
+    verb is done. None is lost, and the verb's copy is of the stopped container."""
+    add(host, "held", 2610)
+    ssh(host, 2610, "echo written-before > /root/mark")
+    stop(host, "held")
+    # nspawnctl stops itself (SIGSTOP) at its first checkpoint, holding the container.
+    argv = [sys.executable, "-m", "nspawnctl", "export", "held", "/var/tmp/held.tar"]
+    verb = host.popen(argv, env={"NSPAWNCTL_PAUSE_AT": "1"}, stdout=PIPE, stderr=PIPE)
+    pid = ""
+
+    def paused() -> bool:
+        nonlocal pid
+        found = host.run(["pgrep", "-f", "nspawnctl export held"], check=False).stdout.split()
+        states = [host.run(["ps", "-o", "stat=", "-p", p], check=False).stdout for p in found]
+        pid = next((p for p, st in zip(found, states, strict=True) if st.startswith("T")), "")
+        return bool(pid)
+
+    host.wait_for(paused, timeout=60, what="nspawnctl export held, paused while holding")
+    client = host.popen(ssh_argv(2610, "cat /root/mark"), stdout=PIPE, stderr=PIPE)
+    gate = "nspawnctl-gate@held.service"
+    host.wait_for(
+        lambda: unit_state(host, gate)[0] == "activating",
+        timeout=60,
+        what="the connection's boot waiting at the gate",
+    )
+    assert "held" not in host.run(["machinectl", "list", "--no-legend"]).stdout
+    assert unit_state(host, "systemd-nspawn@held.service")[0] == "inactive"
+    host.run(["kill", "-CONT", pid])
+    verb.send_signal(signal.SIGCONT)  # nsenter, out here, stopped itself with its child
+    _out, err = verb.communicate(timeout=120)
+    assert verb.returncode == 0, err
+    served, _ = client.communicate(timeout=120)
+    assert client.returncode == 0 and served.strip() == "written-before"
+    manifest = host.run(["tar", "-xOf", "/var/tmp/held.tar", ".nspawnctl-export/manifest.json"])
+    assert '"live": false' in manifest.stdout
+    nspawnctl(host, "remove", "held")
+    host.run(["rm", "-f", "/var/tmp/held.tar", f"{FLEET}/held.yaml"])

@@ -114,7 +114,7 @@ def test_without_a_user_namespace_the_guest_root_is_the_host_root(pubkey: Path) 
     assert settings["Exec"]["DropCapability"] == "CAP_NET_RAW"
     mount = unit(out["/etc/systemd/system/var-lib-machines-web.mount"])
     assert mount["Mount"]["Options"].startswith("lowerdir=/i/v1,")
-    assert "Requires" not in mount["Unit"]
+    assert mount["Unit"]["Requires"] == "nspawnctl-gate@web.service"  # the gate, no lower
     assert "/etc/systemd/system/nspawnctl-lower@web.service" not in out
 
 
