@@ -30,12 +30,17 @@ def held(systemd: Systemd, paths: Paths, name: str) -> Iterator[bool]:
     fd = open_hold_file(paths, name)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        gate, mount, service = (
-            gate_unit(name),
-            mount_unit(paths.machine_dir(name)),
-            service_unit(name),
-        )
-        yield _under_way(systemd.states([gate, mount, service]), gate, mount, service)
+        gate, mount = gate_unit(name), mount_unit(paths.machine_dir(name))
+        service = service_unit(name)
+        states = systemd.states([gate, mount, service])
+        stopping = [u for u in (service, mount) if _stopping(states[u])]
+        if stopping:
+            # A power-off under way (just asked for, or the root still being unmounted)
+            # ends in a stopped container: wait for it, as a stop job of our own would.
+            for unit in stopping:
+                systemd.stop(unit)
+            states = systemd.states([gate, mount, service])
+        yield _under_way(states, gate, mount, service)
     finally:
         os.close(fd)  # releases the lock: a boot waiting at the gate goes on
 
@@ -45,6 +50,10 @@ def open_hold_file(paths: Paths, name: str) -> int:
     path = paths.hold_file(name)
     path.parent.mkdir(mode=0o700, exist_ok=True)
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _stopping(state: UnitState) -> bool:
+    return state.active == "deactivating" or state.job == "stop"
 
 
 def _under_way(states: dict[str, UnitState], gate: str, mount: str, service: str) -> bool:
