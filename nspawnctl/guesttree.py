@@ -10,8 +10,10 @@ stay the guest's business: nspawnctl never needs to go through one). A file is
 opened O_PATH first and looked at before it is read, so neither a FIFO nor a device is
 ever opened for reading. Walks hold one directory open at a time and go back up
 through "..", checked against the inode they came down from, so they reach any depth
-without recursion or running out of descriptors. Trees are copied, archived and
-deleted by coreutils and tar, which do the same (fts) and keep sparse files sparse.
+without recursion or running out of descriptors. Trees at rest are copied, archived and
+deleted by coreutils and tar, which keep sparse files sparse; the tree of a running
+guest is copied by `copy_live`, on `walk`, since cp goes down by path names and a guest
+that swaps a directory for a link meanwhile would have it copy the host's files.
 
 Nothing else in nspawnctl opens a path under a layer, a snapshot's layer or an image
 being imported (tests/unit/test_guesttree.py checks the imports)."""
@@ -23,7 +25,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -44,6 +46,10 @@ DirMaker = Callable[[str], tuple[int, int, int]]
 
 class GuestPathError(OperationError):
     """A path in a guest's tree is not what nspawnctl can safely use (a link, a FIFO...)."""
+
+
+class _DirectoryMovedError(OperationError):
+    """A directory that `walk` was in moved elsewhere meanwhile (a running guest)."""
 
 
 def _parts(relative: PurePosixPath | str) -> tuple[str, ...]:
@@ -235,7 +241,7 @@ class Entry:
             os.close(fd)
 
 
-def walk(root: Path, *, deadline: float | None = None) -> Iterator[Entry]:
+def walk(root: Path, *, deadline: float | None = None) -> Generator[Entry, None, None]:
     """Every name under `root`, parents before their children, never through a link or
     into another file system. One directory is open at a time, whatever the depth.
     With `deadline` (time.monotonic()), gives up with TimeoutError when it passes."""
@@ -261,7 +267,7 @@ def walk(root: Path, *, deadline: float | None = None) -> Iterator[Entry]:
                     fd = up
                     st = os.fstat(fd)
                     if (st.st_dev, st.st_ino) != trail[-1][0]:
-                        raise OperationError(f"a directory under {root} moved during a walk")
+                        raise _DirectoryMovedError(f"a directory under {root} moved during a walk")
                 continue
             name = pending.pop()
             try:
@@ -325,3 +331,220 @@ def copy_tree(source: Path, target: Path) -> None:
     links, hard links, xattrs, ACLs; sparse files stay sparse (a 15 TiB hole is not
     read), a reflink where the file system has them."""
     run(["cp", "-a", "--reflink=auto", "--sparse=always", "--", source, target])
+
+
+# --- a copy of a running guest's tree -----------------------------------------------
+
+# A live copy that a directory moved under (walk cannot tell where its contents went)
+# starts again from scratch this many times in all, then gives up. A guest that renames
+# a directory now and then (a package manager, an atomic swap of a data directory)
+# still gets its snapshot at the next attempt; one that renames in a loop only makes
+# its own snapshot fail, after at most this many copies (and within the deadline).
+LIVE_COPY_ATTEMPTS = 3
+
+_COPY_CHUNK = 64 << 20  # bytes per copy_file_range: the deadline is looked at between
+
+
+def copy_live(source: Path, target: Path, *, deadline: float | None = None) -> None:
+    """Copy the tree at `source` (a running guest's, which may change meanwhile) to
+    `target`, which must not exist: file types, owners, modes, times, xattrs (overlayfs'
+    trusted.overlay.*, capabilities, ACLs) and hard links as they are, sparse files
+    sparse. It goes down and up with `walk` and never through a link, so the copy holds
+    nothing but inodes that were under `source`, at any depth. A file changed during
+    the copy is copied as it was when it was read; one that vanished is left out. With
+    `deadline` (time.monotonic()), gives up with TimeoutError. Nothing is left at
+    `target` when it fails."""
+    for _attempt in range(LIVE_COPY_ATTEMPTS):
+        os.mkdir(target, 0o700)  # root's until it is whole; never into something there
+        try:
+            _copy_once(source, target, deadline)
+            return
+        except _DirectoryMovedError:
+            delete(target)
+        except BaseException:
+            delete(target)
+            raise
+    raise OperationError(
+        f"the container changed its files too fast to be copied while it runs "
+        f"(a directory of {source} moved during each of {LIVE_COPY_ATTEMPTS} copies)",
+        hint="stop it first, then copy it",
+    )
+
+
+def _copy_once(source: Path, target: Path, deadline: float | None) -> None:
+    # Inodes with more than one name, copied already: their type and path in the copy.
+    linked: dict[tuple[int, int], tuple[int, str]] = {}
+    # The copy's directories being filled, the target itself first: name and stat of
+    # the source's. Their modes and times are set once their contents are in (a 0555
+    # directory could not be filled, and every entry made changes an mtime).
+    filling: list[tuple[str, os.stat_result]] = []
+    here = os.open(target.parent, _DIR_FLAGS)  # the copy's directory that `walk` is in
+
+    def enter(name: str, st: os.stat_result) -> None:
+        nonlocal here
+        child = os.open(name, _DIR_FLAGS, dir_fd=here)
+        os.close(here)
+        here = child
+        filling.append((name, st))
+
+    def leave() -> None:
+        # Up by "..": the copy is nspawnctl's own and out of the guest's reach.
+        nonlocal here
+        name, st = filling.pop()
+        up = os.open("..", _DIR_FLAGS, dir_fd=here)
+        os.close(here)
+        here = up
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=here)
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=here)
+
+    try:
+        root = os.open(source, _DIR_FLAGS)
+        try:
+            top = os.fstat(root)
+            _adopt(root, top, here, target.name)
+        finally:
+            os.close(root)
+        enter(target.name, top)
+        with contextlib.closing(walk(source, deadline=deadline)) as entries:
+            for entry in entries:
+                depth = entry.path.count("/") + 1  # of the directory it is in
+                if depth > len(filling):
+                    continue  # in a directory that was replaced as it was looked at
+                while len(filling) > depth:
+                    leave()
+                made = _copy_entry(entry, here, target, linked, deadline)
+                if made is not None:
+                    enter(entry.name, made)
+        while filling:
+            leave()
+    finally:
+        os.close(here)
+
+
+def _copy_entry(
+    entry: Entry,
+    here: int,
+    target: Path,
+    linked: dict[tuple[int, int], tuple[int, str]],
+    deadline: float | None,
+) -> os.stat_result | None:
+    """Make `entry` in the copy's directory `here`; for a directory, its stat (its mode
+    and times are set once it is filled)."""
+    kind = stat.S_IFMT(entry.stat.st_mode)
+    key = (entry.stat.st_dev, entry.stat.st_ino)
+    first = linked.get(key) if entry.stat.st_nlink > 1 else None
+    if first is not None and first[0] == kind:  # (an inode number reused meanwhile: not)
+        path = PurePosixPath(first[1])
+        with GuestTree(target, "a copy").directory(path.parent) as fd:
+            os.link(path.name, entry.name, src_dir_fd=fd, dst_dir_fd=here, follow_symlinks=False)
+        return None
+    # Everything is read through a descriptor of the very inode `walk` looked at: the
+    # name may be another file, a link or a FIFO by now.
+    try:
+        pinned = os.open(entry.name, _PATH_FLAGS, dir_fd=entry.parent)
+    except FileNotFoundError:
+        return None  # gone meanwhile
+    try:
+        st = os.fstat(pinned)
+        if (st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode)) != (*key, kind):
+            return None  # replaced meanwhile: left out, as if it had gone
+        if kind == stat.S_IFDIR:
+            os.mkdir(entry.name, 0o700, dir_fd=here)
+        elif kind == stat.S_IFREG:
+            # Reopened through the pinned inode, known to be a regular file (O_NOFOLLOW
+            # cannot go with /proc's magic link, and is not needed: no name is looked up
+            # again, and the name could be a FIFO by now). O_NONBLOCK: a lease that the
+            # guest holds on it makes the open fail instead of waiting for the guest.
+            data = os.open(_proc(pinned), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                st = os.fstat(data)
+                copy = os.open(
+                    entry.name,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=here,
+                )
+                try:
+                    _copy_data(data, copy, st.st_size, deadline)
+                finally:
+                    os.close(copy)
+            finally:
+                os.close(data)
+        elif kind == stat.S_IFLNK:
+            os.symlink(os.readlink("", dir_fd=pinned), entry.name, dir_fd=here)
+        else:  # FIFO, socket, device; a character device 0:0 is an overlayfs whiteout
+            os.mknod(entry.name, kind | 0o600, st.st_rdev, dir_fd=here)
+        _adopt(pinned, st, here, entry.name)
+    finally:
+        os.close(pinned)
+    if kind == stat.S_IFDIR:
+        return st
+    if kind != stat.S_IFLNK:  # a link's mode means nothing and cannot be set
+        os.chmod(entry.name, stat.S_IMODE(st.st_mode), dir_fd=here)
+    os.utime(entry.name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=here, follow_symlinks=False)
+    if st.st_nlink > 1:
+        linked[key] = (kind, entry.path)
+    return None
+
+
+def _adopt(source: int, st: os.stat_result, here: int, name: str) -> None:
+    """Give the copy `name` in `here` the owner and xattrs of inode `source` (a
+    descriptor). Before its mode: chown clears set-uid bits and capabilities."""
+    os.chown(name, st.st_uid, st.st_gid, dir_fd=here, follow_symlinks=False)
+    made = os.open(name, _PATH_FLAGS, dir_fd=here)
+    try:
+        # Through /proc: the xattr calls take no O_PATH descriptor, and a link's own
+        # xattrs are reached so, not its target's.
+        wanted = os.listxattr(_proc(source))
+        for key in wanted:
+            try:
+                value = os.getxattr(_proc(source), key)
+            except OSError as err:
+                if err.errno != errno.ENODATA:
+                    raise
+                continue  # removed meanwhile
+            os.setxattr(_proc(made), key, value)
+        # An ACL the copy inherited from its directory's default ACL is not the source's.
+        for key in set(os.listxattr(_proc(made))) - set(wanted):
+            os.removexattr(_proc(made), key)
+    finally:
+        os.close(made)
+
+
+def _copy_data(source: int, target: int, size: int, deadline: float | None) -> None:
+    """The first `size` bytes of `source` into `target`, holes left holes: only the data
+    ranges (SEEK_DATA/SEEK_HOLE) are copied, so a 15 TiB sparse file costs what its data
+    costs. What a guest appends meanwhile is left out; what it cuts off is a hole."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(source, offset, os.SEEK_DATA)
+            end = min(os.lseek(source, start, os.SEEK_HOLE), size)
+        except OSError as err:
+            if err.errno != errno.ENXIO:
+                raise
+            break  # nothing but a hole from offset on
+        while start < end:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("copying a guest's file took too long")
+            copied = _copy_range(source, target, start, min(end - start, _COPY_CHUNK))
+            if not copied:
+                break  # cut shorter meanwhile
+            start += copied
+        offset = end
+    os.ftruncate(target, size)
+
+
+def _copy_range(source: int, target: int, offset: int, count: int) -> int:
+    """Bytes copied at `offset`: in the kernel (a reflink on Btrfs or XFS), else by
+    reading and writing (another file system, an old kernel)."""
+    try:
+        return os.copy_file_range(source, target, count, offset, offset)
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    data = os.pread(source, min(count, 1 << 20), offset)
+    written = 0
+    while written < len(data):
+        written += os.pwrite(target, data[written:], offset + written)
+    return len(data)
