@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from nspawnctl.container import (
 )
 from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.faults import checkpoint
-from nspawnctl.guesttree import copy_tree, delete, remove_tree
+from nspawnctl.guesttree import copy_live, copy_tree, delete, remove_tree
 from nspawnctl.hold import held
 from nspawnctl.install import Undo, check_writable, restore_file, verify_units
 from nspawnctl.layers import MACHINE_ID, Layer, check_upper_filesystem, mounted_lower, reown_layer
@@ -50,6 +51,9 @@ from nspawnctl.store import ImageStore
 FORMAT = 1  # of manifest.json; a reader refuses a newer one
 PRE_UPDATE = "pre-update-"  # `image update` names its snapshots pre-update-vN
 _SNAPSHOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+# A running container's layer copied while it runs: bounded, as every wait on a guest.
+LIVE_COPY_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -226,8 +230,14 @@ def _copy(
     staging = target.with_name(f".{target.name}.new-{os.getpid()}")
     try:
         staging.mkdir(mode=0o700)  # a copy of a guest's files: root's business only
-        # A reflink copy where the file system has them (Btrfs, XFS): nearly free.
-        copy_tree(Layer.of(paths, name).upper, staging / "upper")
+        upper = Layer.of(paths, name).upper
+        if live:
+            # The guest renames and swaps files meanwhile: a path-walking cp could be
+            # led through a link it swaps in. copy_live goes by descriptors only.
+            copy_live(upper, staging / "upper", deadline=time.monotonic() + LIVE_COPY_SECONDS)
+        else:
+            # A reflink copy where the file system has them (Btrfs, XFS): nearly free.
+            copy_tree(upper, staging / "upper")
         write_atomic(staging / "config.yaml", config_text, 0o600)
         write_atomic(staging / "manifest.json", manifest.to_json(), 0o600)
         if not live and is_running(paths, name):

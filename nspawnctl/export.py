@@ -24,19 +24,27 @@ import posixpath
 import stat
 import tarfile
 import tempfile
+import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from nspawnctl import container
 from nspawnctl.atomic import write_atomic
-from nspawnctl.backup import Manifest, manifest_of, require_container, running_error
+from nspawnctl.backup import (
+    LIVE_COPY_SECONDS,
+    Manifest,
+    manifest_of,
+    require_container,
+    running_error,
+)
 from nspawnctl.bootstrap import tar
 from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig, dump_config, load_yaml, parse_config
 from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.faults import checkpoint
-from nspawnctl.guesttree import remove_tree
+from nspawnctl.guesttree import copy_live, delete, remove_tree
 from nspawnctl.hold import held
 from nspawnctl.layers import MACHINE_ID, Layer
 from nspawnctl.names import check_machine_name
@@ -83,7 +91,12 @@ def _export(
         write_atomic(Path(tmp) / CONFIG, config_text, 0o600)
         sources = [(Path(tmp), [METADATA])]
         if not full:
-            tar.create(target, [*sources, (Layer.of(paths, name).path, [UPPER])], live=live)
+            layer = Layer.of(paths, name).path
+            if live:
+                # tar walks by path names, which a running guest can swap for links:
+                # the archive is made from a copy taken by descriptors (copy_live).
+                layer = mounts.enter_context(_live_copy(paths, name))
+            tar.create(target, [*sources, (layer, [UPPER])], live=live)
         else:
             # A running container's tree is mounted already; a stopped one's is stacked
             # read-only for the while.
@@ -94,6 +107,19 @@ def _export(
             )
             tar.create(target, [*sources, (tree, ["."])], excludes=tar.RUNTIME_EXCLUDES, live=live)
     return manifest
+
+
+@contextlib.contextmanager
+def _live_copy(paths: Paths, name: str) -> Iterator[Path]:
+    """A directory holding upper/, a copy of a running container's layer, beside the
+    layers (on their file system), deleted afterwards."""
+    where = Path(tempfile.mkdtemp(prefix=f".export-{name}-", dir=Layer.directory(paths)))
+    try:
+        deadline = time.monotonic() + LIVE_COPY_SECONDS
+        copy_live(Layer.of(paths, name).upper, where / UPPER, deadline=deadline)
+        yield where
+    finally:
+        delete(where)
 
 
 @dataclasses.dataclass(frozen=True)
