@@ -202,8 +202,12 @@ def add(
         check_writable(path)
 
     config_path = paths.config_file(name)
-    with Systemd.connect() as systemd:  # no systemd, no work: fail before writing anything
-        image = ImageStore(paths.image_dir).ensure(config.image)
+    with Systemd.connect():  # no systemd, no work: fail before building or writing anything
+        pass
+    # A bootstrap takes minutes: no bus connection is held meanwhile (one held across
+    # it was found dead afterwards, "Transport endpoint is not connected").
+    image = ImageStore(paths.image_dir).ensure(config.image)
+    with Systemd.connect() as systemd:
         uid_base = uid_base_for(paths, config, keep=layer_from)
         if uid_base:
             check_idmap_support(image.current)
@@ -222,7 +226,8 @@ def add(
             if not root.exists():
                 change.step(Step("rmdir", str(root)))
                 root.mkdir(parents=True)
-            os.close(open_hold_file(paths, name))  # its gate needs it at every boot
+            change.step(Step("file", str(paths.hold_file(name))))  # its gate needs it
+            os.close(open_hold_file(paths, name))
             change.step(Step("reload"))
             for file in rendering.host:
                 change.step(Step("file", str(file.path)))  # none of ours was there

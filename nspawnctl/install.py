@@ -101,6 +101,6 @@ class Undo:
                 try:
                     step()
                 except Exception as err:  # keep undoing the rest
-                    log.warning("while undoing %s: %s", what, err)
+                    log.warning("while undoing %s: %s", what, err or type(err).__name__)
             raise
         self._steps.clear()

@@ -160,7 +160,8 @@ class Transaction(Undo):
 
     def step(self, step: Step) -> None:
         self.intent.add(step)
-        self.push(f"{step.kind} {step.path}", lambda: take_back(step, self.systemd))
+        what = f"{step.kind} {step.path}" if step.path else step.kind
+        self.push(what, lambda: take_back(step, self.systemd))
         checkpoint(f"{self.intent.record.verb} {step.kind} {step.path}")
 
     def __enter__(self) -> Transaction:
