@@ -32,7 +32,6 @@ import json
 import os
 import re
 import select
-import shlex
 import stat
 import subprocess
 import threading
@@ -42,8 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from nspawnctl.errors import OperationError
 from nspawnctl.log import log
-from nspawnctl.run import _environment
+from nspawnctl.run import run, spawn
 from nspawnctl.screen import shown
 
 # The host's label in JSON: machinectl's name for the host, and no container's name (a
@@ -333,15 +333,8 @@ class Reader:
         self.cursor: str | None = None  # of the last entry read
         self.bad_lines = 0
         self.timed_out = 0.0  # the wait that ended it, if one did
-        log.debug("+ %s", shlex.join(argv))
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=tuple(fds),
-            env=_environment(None),
-        )
+        pipe = subprocess.PIPE
+        self.proc = spawn(argv, stdout=pipe, stderr=pipe, pass_fds=tuple(fds))
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self.fd = self.proc.stdout.fileno()
         os.set_blocking(self.fd, False)
@@ -462,21 +455,10 @@ def _opens(fds: Sequence[int]) -> bool:
     is bad (measured: a journal file cut after its header made it fail, "No data
     available"), so a guest's broken file would hide all of its journal."""
     argv = ["journalctl", "--quiet", "--lines=0", *(f"--file=/proc/self/fd/{fd}" for fd in fds)]
-    log.debug("+ %s", shlex.join(argv))
     try:
-        done = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            pass_fds=tuple(fds),
-            env=_environment(None),
-            timeout=IDLE_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
+        return run(argv, check=False, timeout=IDLE_TIMEOUT, pass_fds=fds).returncode == 0
+    except OperationError:  # it did not finish in time
         return False
-    return done.returncode == 0
 
 
 def _usable(fds: tuple[int, ...], problems: Problems, label: str) -> tuple[int, ...]:

@@ -1,5 +1,5 @@
-"""Every subprocess nspawnctl starts goes through `run` (or `run_interactive`, `run_lines`,
-`run_relayed`)."""
+"""Every subprocess nspawnctl starts goes through `spawn`, mostly by way of `run` (or
+`run_interactive`, `run_lines`, `run_relayed`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from nspawnctl.errors import OperationError
 from nspawnctl.log import log
@@ -32,6 +32,27 @@ def _environment(extra: Mapping[str, str] | None, keep: Sequence[str] = ()) -> d
     return env
 
 
+def spawn(
+    argv: Argv,
+    *,
+    env: Mapping[str, str] | None = None,
+    keep: Sequence[str] = (),
+    **popen: Any,
+) -> subprocess.Popen[Any]:
+    """The one place a process is started: its command line echoed with --debug, a
+    known environment (`keep`: variables of ours it also gets), stdin from /dev/null
+    unless said otherwise, and a missing program an error of ours."""
+    args = [str(a) for a in argv]
+    log.debug("+ %s", shlex.join(args))
+    popen.setdefault("stdin", subprocess.DEVNULL)
+    try:
+        return subprocess.Popen(args, env=_environment(env, keep), **popen)
+    except FileNotFoundError:
+        raise OperationError(
+            f"{args[0]}: command not found", hint="install it, see README.md"
+        ) from None
+
+
 def run(
     argv: Argv,
     *,
@@ -40,31 +61,26 @@ def run(
     env: Mapping[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
     timeout: float | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Run argv, capturing its output. With `progress`, output lines are streamed to it
     as they come (stderr merged into stdout). Raises OperationError on failure if `check`."""
     args = [str(a) for a in argv]
-    log.debug("+ %s", shlex.join(args))
-    try:
-        if progress is None:
-            proc = subprocess.run(
-                args,
-                input=input,
-                capture_output=True,
-                text=True,
-                env=_environment(env),
-                stdin=None if input is not None else subprocess.DEVNULL,
-                timeout=timeout,
-                check=False,
-            )
-        else:
-            proc = _stream(args, env, progress)
-    except FileNotFoundError:
-        raise OperationError(
-            f"{args[0]}: command not found", hint="install it, see README.md"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise OperationError(f"{args[0]} did not finish within {timeout} s") from None
+    if progress is not None:
+        proc = _stream(args, env, progress)
+    else:
+        stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
+        pipe = subprocess.PIPE
+        with spawn(
+            args, env=env, stdin=stdin, stdout=pipe, stderr=pipe, text=True, pass_fds=pass_fds
+        ) as child:
+            try:
+                out, err = child.communicate(input, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.communicate()
+                raise OperationError(f"{args[0]} did not finish within {timeout} s") from None
+        proc = subprocess.CompletedProcess(args, child.returncode, out, err)
     if check and proc.returncode != 0:
         raise command_failed(args, proc.returncode, proc.stderr or proc.stdout)
     return proc
@@ -74,14 +90,7 @@ def _stream(
     args: list[str], env: Mapping[str, str] | None, progress: Callable[[str], None]
 ) -> subprocess.CompletedProcess[str]:
     tail: collections.deque[str] = collections.deque(maxlen=20)
-    with subprocess.Popen(
-        args,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_environment(env),
-    ) as proc:
+    with spawn(args, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             tail.append(line)
@@ -116,20 +125,7 @@ def run_lines(
     bytes comes in pieces; a last line without a newline comes too. Returns when argv
     has exited and its pipes are drained (boundedly), not when every copy of the pipes
     is closed. Safe to call from threads."""
-    args = [str(a) for a in argv]
-    log.debug("+ %s", shlex.join(args))
-    try:
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=_environment(env),
-        )
-    except FileNotFoundError:
-        raise OperationError(
-            f"{args[0]}: command not found", hint="install it, see README.md"
-        ) from None
+    proc = spawn(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     splitters = {
         proc.stdout.fileno(): _Lines("stdout", on_line, max_line),
@@ -328,20 +324,10 @@ def run_relayed(argv: Argv, *, env: Mapping[str, str] | None = None) -> int:
     drained (boundedly). argv never gets nspawnctl's own file descriptors (a terminal,
     the caller's pipe or file), so it cannot hand them on to a process that keeps them
     after it has exited: all it ever holds are pipes that are closed when it ends."""
-    args = [str(a) for a in argv]
-    log.debug("+ %s", shlex.join(args))
     for stream in (sys.stdout, sys.stderr):
         stream.flush()  # what nspawnctl printed goes first
-    try:
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=_environment(env),
-        )
-    except FileNotFoundError:
-        raise OperationError(f"{args[0]}: command not found") from None
+    pipe = subprocess.PIPE
+    proc = spawn(argv, env=env, stdin=pipe, stdout=pipe, stderr=pipe)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     # The pipe's write end is _Feed's to close, once input ends or the command does.
     stdin_pipe = os.dup(proc.stdin.fileno())
@@ -373,11 +359,6 @@ def command_failed(args: Sequence[str], code: int, output: str) -> OperationErro
 
 def run_interactive(argv: Argv, *, env: Mapping[str, str] | None = None) -> int:
     """Run argv on the caller's terminal (stdin, stdout, stderr passed through)."""
-    args = [str(a) for a in argv]
-    log.debug("+ %s", shlex.join(args))
-    try:
-        return subprocess.call(
-            args, env=_environment(env, keep=("TERM", "HOME", "PAGER", "SYSTEMD_PAGER"))
-        )
-    except FileNotFoundError:
-        raise OperationError(f"{args[0]}: command not found") from None
+    keep = ("TERM", "HOME", "PAGER", "SYSTEMD_PAGER")
+    with spawn(argv, env=env, keep=keep, stdin=None) as proc:
+        return proc.wait()
