@@ -84,7 +84,8 @@ def test_paths_are_nspawnctls_own_plain_relative_ones(tree: GuestTree) -> None:
             tree.read(bad)
 
 
-def deep(root: Path, depth: int) -> None:
+def deep(root: Path, depth: int, bottom: bytes = b"") -> None:
+    """`root`/d/d/.../d/bottom, `depth` levels: far deeper than PATH_MAX allows a path."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for _ in range(depth):
@@ -92,7 +93,9 @@ def deep(root: Path, depth: int) -> None:
             child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
             os.close(fd)
             fd = child
-        os.close(os.open("bottom", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+        file = os.open("bottom", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(file, bottom)
+        os.close(file)
     finally:
         os.close(fd)
 

@@ -18,6 +18,7 @@ import pytest
 
 from nspawnctl import guesttree
 from nspawnctl.errors import OperationError
+from tests.unit.test_guesttree import deep
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="copies owners and whiteouts: root")
 
@@ -55,26 +56,11 @@ def _file(path: Path, data: bytes, mode: int, owner: int = GUEST) -> None:
     os.chmod(path, mode)  # after chown, which clears set-id bits
 
 
-def _chain(root: Path, depth: int) -> None:
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(depth):
-            os.mkdir("d", dir_fd=fd)
-            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        bottom = os.open("bottom", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-        os.write(bottom, b"at the bottom\n")
-        os.close(bottom)
-    finally:
-        os.close(fd)
-
-
 def build(root: Path) -> None:
     """A guest's layer with a file of every kind nspawnctl must keep."""
     for directory in ("etc/ro", "usr/bin", "usr/lib", "var/cache", "srv/shared", "run", "tmp"):
         (root / directory).mkdir(parents=True)
-    _chain(root / "usr", DEPTH)
+    deep(root / "usr", DEPTH, b"at the bottom\n")
     _file(root / "etc/passwd", b"root:x:0:0::/root:/bin/sh\n", 0o644)
     _file(root / "etc/ro/frozen", b"", 0o444)
     os.chmod(root / "etc/ro", 0o555)  # filled before it is made read-only, in the copy too
@@ -196,7 +182,7 @@ def test_a_sparse_file_stays_sparse(space: Path) -> None:
 
 def test_a_copy_keeps_its_deadline_and_leaves_nothing(space: Path) -> None:
     (space / "layer").mkdir()
-    _chain(space / "layer", 50)
+    deep(space / "layer", 50, b"at the bottom\n")
     with pytest.raises(TimeoutError):
         guesttree.copy_live(space / "layer", space / "copy", deadline=time.monotonic() - 1)
     assert not (space / "copy").exists()
@@ -227,12 +213,17 @@ def _mover(
     return walk, moves
 
 
-def test_a_directory_moved_during_the_copy_starts_it_again(
-    space: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _movable(space: Path) -> None:
+    """layer/a/b/f, and layer/x where a guest moves b to."""
     for directory in ("layer/a/b", "layer/x"):
         (space / directory).mkdir(parents=True)
     (space / "layer/a/b/f").write_text("guest\n")
+
+
+def test_a_directory_moved_during_the_copy_starts_it_again(
+    space: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _movable(space)
     walk, moves = _mover(space / "layer", times=1)
     monkeypatch.setattr(guesttree, "walk", walk)
     guesttree.copy_live(space / "layer", space / "copy")
@@ -244,9 +235,7 @@ def test_a_directory_moved_during_the_copy_starts_it_again(
 def test_a_guest_that_keeps_moving_directories_is_told_to_stop_first(
     space: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for directory in ("layer/a/b", "layer/x"):
-        (space / directory).mkdir(parents=True)
-    (space / "layer/a/b/f").write_text("guest\n")
+    _movable(space)
     walk, moves = _mover(space / "layer", times=1000)
     monkeypatch.setattr(guesttree, "walk", walk)
     with pytest.raises(OperationError, match=TOO_FAST) as raised:
