@@ -38,7 +38,7 @@ _TOP_KEYS = (
     "security",
 )
 _BOOTSTRAP_KEYS = ("method", "mirror", "packages", "source")
-_SSH_KEYS = ("listen", "authorized_keys")
+_SSH_KEYS = ("listen", "authorized_keys", "max_connections")
 _SOCKET_KEYS = ("listen", "protocol", "to", "service", "native")
 _NETWORK_KEYS = ("mode", "address")
 _RESOURCES_KEYS = tuple(RESOURCE_KEYS)
@@ -91,6 +91,9 @@ _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 class SshConfig:
     listen: Listen
     authorized_keys: tuple[str, ...]  # one public key line each, already read from files
+    # sshd instances at once (sshd.socket's MaxConnections=, per source too): systemd's
+    # default 64 cut a busy git or CI host's 65th session.
+    max_connections: int = 256
 
 
 @dataclass(frozen=True)
@@ -605,7 +608,16 @@ def _parse_ssh(section: _Section) -> SshConfig:
             "is empty: nobody could log in over SSH",
             hint="add a public key, e.g. `--key ~/.ssh/id_ed25519.pub`",
         )
-    return SshConfig(listen=listen, authorized_keys=tuple(dict.fromkeys(keys)))
+    max_connections = section.take("max_connections", int)
+    if max_connections is None:
+        max_connections = SshConfig.max_connections
+    elif not 1 <= max_connections <= 65535:
+        section.fail(
+            "max_connections",
+            f"{max_connections!r}: is not between 1 and 65535",
+            hint="how many SSH connections at once, e.g. 256",
+        )
+    return SshConfig(listen, tuple(dict.fromkeys(keys)), max_connections)
 
 
 def read_public_keys(entry: str, *, base: Path) -> list[str]:
@@ -708,6 +720,11 @@ def dump_config(config: ContainerConfig) -> str:
     data["ssh"] = {
         "listen": config.ssh.listen.yaml_value(),
         "authorized_keys": list(config.ssh.authorized_keys),
+        **(
+            {"max_connections": config.ssh.max_connections}
+            if config.ssh.max_connections != SshConfig.max_connections
+            else {}
+        ),
     }
     if config.sockets:
         data["sockets"] = [

@@ -187,6 +187,7 @@ def render(config: ContainerConfig, paths: Paths, state: MachineState) -> Render
         "quiesce_seconds": 15,
         "service_unit": service_unit(name),
         "ssh_listen": config.ssh.listen.unit_value(),
+        "ssh_max_connections": config.ssh.max_connections,
         "authorized_keys": config.ssh.authorized_keys,
         "listens": [listen for _key, listen in config.listens()],
         "network": config.network,

@@ -1,0 +1,61 @@
+"""Under load, with real clients: a port checker's storm of connect-and-close calls
+never wedges the guest's SSH socket, and a hundred SSH sessions at once (more than
+systemd's default MaxConnections=64) are all served."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.conftest import CLIENT_KEY, nspawnctl, ssh, ssh_argv
+from tests.testhost import TestHost
+
+PORT = 2701
+SESSIONS = 100
+
+
+@pytest.fixture(scope="module")
+def busy(host: TestHost) -> Iterator[str]:
+    host.write_file(
+        "/var/tmp/busy.yaml", f"ssh: {{listen: {PORT}, authorized_keys: [{CLIENT_KEY}.pub]}}"
+    )
+    nspawnctl(host, "add", "busy", "-f", "/var/tmp/busy.yaml")
+    ssh(host, PORT, "true")
+    yield "busy"
+    nspawnctl(host, "remove", "busy")
+
+
+def guest_socket_state(host: TestHost) -> str:
+    argv = ["systemctl", "show", "--property=ActiveState,Result", "sshd.socket"]
+    return nspawnctl(host, "exec", "busy", "--", *argv).stdout
+
+
+def test_a_port_checker_storm_does_not_wedge_ssh(host: TestHost, busy: str) -> None:
+    # What a health check or a port scan does, as fast as it can: ~210 of these put
+    # the guest's sshd.socket into "failed (trigger-limit-hit)" for good.
+    storm = (
+        "import socket\n"
+        "for _ in range(500):\n"
+        f"    socket.create_connection(('127.0.0.1', {PORT}), timeout=30).close()\n"
+    )
+    host.run(["python3", "-c", storm], timeout=300)
+    assert "ActiveState=active" in guest_socket_state(host)
+    assert "Result=success" in guest_socket_state(host)
+    assert ssh(host, PORT, "echo served").stdout.strip() == "served"
+
+
+def test_a_hundred_ssh_sessions_at_once_are_all_served(host: TestHost, busy: str) -> None:
+    # Each session stays open long enough for all of them to overlap (logins take
+    # well under a second of CPU each); curve25519 spares the clients' own CPU.
+    command = "sleep 10; echo served"
+    argv = ssh_argv(PORT, command)
+    argv[1:1] = ["-o", "KexAlgorithms=curve25519-sha256"]
+    clients = [
+        host.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(SESSIONS)
+    ]
+    results = [client.communicate(timeout=180) for client in clients]
+    served = sum(out.strip() == "served" for out, _err in results)
+    failures = {err.strip() for out, err in results if out.strip() != "served"}
+    assert served == SESSIONS, failures
