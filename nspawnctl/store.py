@@ -71,17 +71,30 @@ class ImageStore:
             return None
         return Image(path.name, path, Recipe.from_json((path / "recipe.json").read_text()))
 
-    def get(self, key_or_image: str) -> Image:
-        """An image by its key (debian-bookworm-0123abcd) or its name (template:web)."""
+    def matching(self, key_or_image: str) -> list[Image]:
+        """The image whose key this is, else every image of this name: one name may
+        stand for several recipes (debian:bookworm plain, and with packages)."""
         key = (
             key_or_image.replace(":", "-", 1) if key_or_image.startswith(TEMPLATE) else key_or_image
         )
-        for image in self.images():
-            if key in (image.key, image.recipe.image):
-                return image
-        raise UsageError(
-            f"no image {key_or_image!r} in {self.root}", hint="see `nspawnctl image list`"
-        )
+        images = self.images()
+        return [i for i in images if i.key == key] or [i for i in images if i.recipe.image == key]
+
+    def get(self, key_or_image: str) -> Image:
+        """An image by its key (debian-bookworm-0123abcd) or its name (template:web), if
+        the name is of one image only: the name alone never chooses among several."""
+        found = self.matching(key_or_image)
+        if not found:
+            raise UsageError(
+                f"no image {key_or_image!r} in {self.root}", hint="see `nspawnctl image list`"
+            )
+        if len(found) > 1:
+            raise UsageError(
+                f"{key_or_image} names {len(found)} images: "
+                + "; ".join(f"{i.key} ({i.recipe.describe()})" for i in found),
+                hint="give the key of the one you mean, or --all for every one of them",
+            )
+        return found[0]
 
     def ensure(self, recipe: Recipe) -> Image:
         """The image of `recipe`, bootstrapping it if it is not cached yet."""

@@ -13,7 +13,7 @@ from nspawnctl.log import log
 from nspawnctl.names import machine_name
 from nspawnctl.paths import Paths
 from nspawnctl.recipe import TEMPLATE, Recipe, parse_image
-from nspawnctl.store import ImageStore
+from nspawnctl.store import Image, ImageStore
 from nspawnctl.update import default_command, update_image
 
 _VERBS = {
@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for verb in ("update", "remove", "export"):
         parsers[verb].add_argument(
             "image", metavar="IMAGE", help="as in the YAML (debian:bookworm, template:NAME) or key"
+        )
+    for verb in ("update", "remove"):
+        parsers[verb].add_argument(
+            "--all",
+            action="store_true",
+            help="every image of that name (one name may stand for several recipes)",
         )
     parsers["update"].add_argument(
         "--no-snapshot",
@@ -88,19 +94,38 @@ def run_build(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def run_list(args: argparse.Namespace, paths: Paths) -> int:
-    table = [["IMAGE", "VERSION", "SIZE", "CONTAINERS", "RECIPE"]]
+    # The key: what names one image when several share a name (update and remove take it).
+    table = [["IMAGE", "KEY", "VERSION", "SIZE", "CONTAINERS", "RECIPE"]]
     for image in _store(paths).images():
         users = ",".join(c.name for c in users_of(paths, image)) or "-"
         size = f"{disk_usage(image.current) / 2**20:.0f}M"
-        table.append([image.recipe.image, image.current.name, size, users, image.recipe.describe()])
+        recipe = image.recipe
+        table.append([recipe.image, image.key, image.current.name, size, users, recipe.describe()])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
+def _chosen(args: argparse.Namespace, paths: Paths) -> list[Image]:
+    """The images IMAGE means: one (by key, or a name of one image), or with --all every
+    image of that name; each is named as it is acted on."""
+    if not args.all:
+        return [_store(paths).get(args.image)]
+    found = _store(paths).matching(args.image)
+    if not found:
+        _store(paths).get(args.image)  # raises: no such image
+    return found
+
+
 def run_update(args: argparse.Namespace, paths: Paths) -> int:
-    image = _store(paths).get(args.image)
+    for image in _chosen(args, paths):
+        log.info("updating %s (%s)", image.key, image.recipe.describe())
+        _update(args, paths, image)
+    return 0
+
+
+def _update(args: argparse.Namespace, paths: Paths, image: Image) -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     command = command or default_command(image.recipe)
     report = update_image(paths, image, command, snapshot=args.snapshot)
@@ -122,19 +147,21 @@ def run_update(args: argparse.Namespace, paths: Paths) -> int:
             len(files),
             " ".join(files[:10]) + (" ..." if len(files) > 10 else ""),
         )
-    return 0
 
 
 def run_remove(args: argparse.Namespace, paths: Paths) -> int:
-    image = _store(paths).get(args.image)
-    users = users_of(paths, image)
-    if users:
-        raise UsageError(
-            f"{image.recipe.image} is used by: " + ", ".join(c.name for c in users),
-            hint="remove those containers first",
-        )
-    _store(paths).remove(image)
-    log.info("removed image %s", image.recipe.image)
+    images = _chosen(args, paths)
+    for image in images:  # all of them unused, or none removed
+        users = users_of(paths, image)
+        if users:
+            raise UsageError(
+                f"{image.recipe.image} ({image.key}) is used by: "
+                + ", ".join(c.name for c in users),
+                hint="remove those containers first",
+            )
+    for image in images:
+        _store(paths).remove(image)
+        log.info("removed image %s (%s)", image.recipe.image, image.key)
     return 0
 
 
