@@ -172,14 +172,20 @@ def test_cpu_quota_holds_a_busy_loop_near_its_share(vm: VM, containers: None) ->
     with timed("busy (cpu: 20%) finishing its boot", vm):
         # Until the container's bus is up this fails at once; then it waits for the boot.
         argv = ["systemctl", f"--machine={BUSY}", "is-system-running", "--wait"]
-        wait_for(
-            lambda: (
-                vm.run(argv, check=False, timeout=300).stdout.strip() in ("running", "degraded")
-            ),
-            timeout=300,
-            what=f"{BUSY} booted",
-            interval=2,
-        )
+        try:
+            wait_for(
+                lambda: (
+                    vm.run(argv, check=False, timeout=300).stdout.strip() in ("running", "degraded")
+                ),
+                timeout=300,
+                what=f"{BUSY} booted",
+                interval=2,
+            )
+        except TimeoutError:
+            units = [f"systemd-nspawn@{BUSY}.service", f"nspawnctl-gate@{BUSY}.service"]
+            status = vm.run(["systemctl", "status", "--no-pager", "-l", *units], check=False)
+            jobs = vm.run(["systemctl", "list-jobs", "--no-pager"], check=False)
+            raise AssertionError(f"{status.stdout}\n{jobs.stdout}") from None
     # The same loop in both: the unlimited one shows what the limited one would take.
     for name in (BUSY, CALM):
         in_container(vm, name, "spin", "while :; do :; done")
