@@ -70,10 +70,15 @@ def guest_command(name: str, command: Sequence[str], *, pty: bool) -> list[str]:
     # or pipe. --pty allocates a pseudo-terminal in the guest and copies between it and
     # ours: the guest never holds our terminal. Not both: given both, systemd-run picks
     # --pipe whenever one of stdin, stdout and stderr is not a terminal, and would hand
-    # the others, terminals, to the guest.
+    # the others, terminals, to the guest. A fixed --description: the one systemd-run
+    # derives from the command line goes into the transient unit's file unescaped (before
+    # systemd 254), so after a daemon-reload by the command itself the lines of a
+    # multi-line `sh -c` script are read back as settings of its own unit, and --wait
+    # never returns.
     return [
         "systemd-run",
         f"--machine={name}",
+        "--description=nspawnctl exec",
         "--quiet",
         "--wait",
         "--collect",

@@ -142,6 +142,27 @@ def test_exec_of_one_container_is_unchanged(host: TestHost, fleet: tuple[str, ..
     assert nspawnctl(host, "exec", "beta", "hostname").stdout == "beta\n"  # `--` optional
 
 
+def test_a_multi_line_script_that_reloads_systemd_ends(
+    host: TestHost, fleet: tuple[str, ...]
+) -> None:
+    # The lines of the script must not end up in the transient unit's own file, where the
+    # reload would read them back (RemainAfterExit=yes here: exec would never end).
+    script = "\n".join(
+        [
+            "cat > /etc/systemd/system/oneshot.service <<EOF",
+            "[Service]",
+            "Type=oneshot",
+            "RemainAfterExit=yes",
+            "ExecStart=/bin/true",
+            "EOF",
+            "systemctl daemon-reload",
+            "echo reloaded",
+        ]
+    )
+    run = nspawnctl(host, "exec", "alpha", "--", "sh", "-c", script, timeout=60)
+    assert run.stdout.strip() == "reloaded"
+
+
 def test_which_names_the_container_of_a_guest_process(
     host: TestHost, fleet: tuple[str, ...]
 ) -> None:

@@ -199,9 +199,6 @@ print(len(leaders - {""}), during, " ".join(x for x in lost if x) or "none")
 
 # A service that takes 3 s to stop, as a database flushing would: every power-off then
 # has a window that the chase above cannot miss.
-# (printf, not a here-document: systemd 252 writes a transient unit's command line into
-# its unit file unescaped, so after the daemon-reload of `enable` the lines of a
-# multi-line argument are read back as settings of exec's own unit, and it never ends.)
 SLOW_STOP = (
     "printf '[Service]\\nType=oneshot\\nRemainAfterExit=yes\\nExecStart=/bin/true\\n"
     "ExecStop=/bin/touch /run/powering-off\\nExecStop=/bin/sleep 3\\n"
