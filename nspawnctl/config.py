@@ -34,6 +34,7 @@ _TOP_KEYS = (
     "network",
     "idle_timeout",
     "keep_awake",
+    "stop_timeout",
     "resources",
     "security",
 )
@@ -52,9 +53,12 @@ KNOWN_KEYS = (
     *(f"network.{key}" for key in _NETWORK_KEYS),
     "idle_timeout",
     "keep_awake",
+    "stop_timeout",
     *(f"resources.{key}" for key in _RESOURCES_KEYS),
     *(f"security.{key}" for key in _SECURITY_KEYS),
 )
+# systemd's own default stop timeout is 90 s; the guest's quiesce comes before this.
+STOP_TIMEOUT = 60
 # systemd time spans as the YAML may give them: 90, "90s", "10min", "1h 30min".
 _SPAN_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
 _SPAN_RE = re.compile(r"(\d+)\s*(min|sec|hr|s|m|h|d|)\s*")
@@ -136,6 +140,8 @@ class ContainerConfig:
     network: NetworkConfig = NetworkConfig()
     idle_timeout: int | None = None  # seconds; None: never powered off for being idle
     keep_awake: tuple[str, ...] = ()  # guest units that count as activity while active
+    # seconds the guest gets to power off when the container is stopped; then it is killed
+    stop_timeout: int = STOP_TIMEOUT
     resources: Resources = field(default_factory=Resources)
     security: Security = field(default_factory=Security)
 
@@ -312,7 +318,12 @@ def parse_config(name: str, data: Mapping[Any, Any], file: Path) -> ContainerCon
     ssh = _parse_ssh(top.section("ssh", _SSH_KEYS, required=True))
     sockets = _parse_sockets(top)
     network = _parse_network(top, name)
-    idle_timeout = _parse_span(top, "idle_timeout")
+    idle_timeout = _parse_span(
+        top, "idle_timeout", 10, hint="an idle container is powered off after this long"
+    )
+    stop_timeout = _parse_span(
+        top, "stop_timeout", 1, hint="a container still up this long after its stop is killed"
+    )
     keep_awake = top.take("keep_awake", list) or []
     for index, unit in enumerate(keep_awake):
         if not isinstance(unit, str) or not _SERVICE_RE.match(unit):
@@ -337,6 +348,7 @@ def parse_config(name: str, data: Mapping[Any, Any], file: Path) -> ContainerCon
         network=network,
         idle_timeout=idle_timeout,
         keep_awake=tuple(keep_awake),
+        stop_timeout=STOP_TIMEOUT if stop_timeout is None else stop_timeout,
         resources=_parse_resources(top.section("resources", _RESOURCES_KEYS)),
         security=_parse_security(top.section("security", _SECURITY_KEYS)),
     )
@@ -369,7 +381,8 @@ def _parse_security(section: _Section) -> Security:
     )
 
 
-def _parse_span(top: _Section, key: str) -> int | None:
+def _parse_span(top: _Section, key: str, least: int, *, hint: str) -> int | None:
+    """A time span of `least` seconds to 7 days, or None if the key is not there."""
     value = top.take(key, int, str)
     if value is None:
         return None
@@ -385,12 +398,8 @@ def _parse_span(top: _Section, key: str) -> int | None:
         end = match.end()
     if not text or end != len(text):
         top.fail(key, f"{value!r} is not a time span", hint="e.g. 90, 30s, 10min, 1h 30min")
-    if not 10 <= seconds <= 7 * 86400:
-        top.fail(
-            key,
-            f"{value!r} is {seconds} s: expected 10 s to 7 days",
-            hint="an idle container is powered off after this long",
-        )
+    if not least <= seconds <= 7 * 86400:
+        top.fail(key, f"{value!r} is {seconds} s: expected {least} s to 7 days", hint=hint)
     return seconds
 
 
@@ -739,6 +748,8 @@ def dump_config(config: ContainerConfig) -> str:
         data["idle_timeout"] = f"{config.idle_timeout}s"
     if config.keep_awake:
         data["keep_awake"] = list(config.keep_awake)
+    if config.stop_timeout != STOP_TIMEOUT:
+        data["stop_timeout"] = f"{config.stop_timeout}s"
     if config.resources != Resources():
         data["resources"] = config.resources.yaml_data()
     if config.security != Security():

@@ -29,8 +29,8 @@ def yaml(port: int, *extra: str) -> str:
 PORTS: dict[str, int] = {}
 
 
-def add(host: TestHost, name: str, port: int) -> None:
-    host.write_file(f"{FLEET}/{name}.yaml", yaml(port))
+def add(host: TestHost, name: str, port: int, *extra: str) -> None:
+    host.write_file(f"{FLEET}/{name}.yaml", yaml(port, *extra))
     nspawnctl(host, "add", name, "-f", f"{FLEET}/{name}.yaml")
     PORTS[name] = port
 
@@ -182,6 +182,29 @@ def test_a_hostile_quiesce_does_not_hold_stop(host: TestHost, canaries: str) -> 
         ["systemctl", "status", "var-lib-machines-slow.mount", "systemd-nspawn@slow"], check=False
     ).stdout
     assert removed.returncode == 0, removed.stderr + status
+
+
+def test_a_guest_that_never_powers_off_is_killed_and_ends_stopped(
+    host: TestHost, canaries: str
+) -> None:
+    add(host, "hang", 2611, "stop_timeout: 3s")
+    # Its shutdown never ends: a service whose stop sleeps for ever, the guest's own time
+    # limit on it lifted.
+    in_guest(
+        host,
+        "hang",
+        "printf '[Service]\\nType=oneshot\\nRemainAfterExit=yes\\nExecStart=/bin/true\\n"
+        "ExecStop=/bin/sleep infinity\\nTimeoutStopSec=infinity\\n'"
+        " > /etc/systemd/system/hang.service && systemctl start hang.service",
+    )
+    nspawnctl(host, "stop", "hang", timeout=90)
+    wait_stopped(host, "hang")
+    unit = "systemd-nspawn@hang.service"
+    assert unit_state(host, unit) == ("inactive", "dead")
+    assert host.run(["systemctl", "show", "-P", "Result", unit]).stdout.strip() == "success"
+    journal = host.run(["journalctl", "-u", unit, "-o", "cat", "--no-pager"]).stdout
+    assert "Sent signal SIGKILL to main process" in journal, journal  # killed, not powered off
+    assert "hang" in ssh(host, 2611, "hostname").stdout  # the next connection boots it
 
 
 def test_a_container_without_its_settings_refuses_to_boot(host: TestHost) -> None:

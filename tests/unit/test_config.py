@@ -188,6 +188,20 @@ def sockets_of(pubkey: Path, sockets: Any, network: Any = "private") -> Any:
     return parse_config("web", good(pubkey, sockets=sockets, network=network), FILE)
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("0s", "'0s' is 0 s: expected 1 s to 7 days"), ("soon", "'soon' is not a time span")],
+)
+def test_bad_stop_timeout(pubkey: Path, value: str, problem: str) -> None:
+    err = error_of("web", good(pubkey, stop_timeout=value))
+    assert err.key == "stop_timeout" and err.message.endswith(f"stop_timeout: {problem}")
+
+
+def test_stop_timeout_defaults_to_60_s_and_takes_a_span(pubkey: Path) -> None:
+    assert parse_config("web", good(pubkey), FILE).stop_timeout == 60
+    assert parse_config("web", good(pubkey, stop_timeout="2min"), FILE).stop_timeout == 120
+
+
 def test_sockets_and_network_parse(pubkey: Path) -> None:
     config = sockets_of(
         pubkey,

@@ -170,6 +170,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     .map(".".join)
     .filter(lambda h: len(h) <= 64),
     "idle_timeout": spans,
+    "stop_timeout": spans,
     "bootstrap.mirror": st.sampled_from(
         ["http://deb.debian.org/debian", "https://mirror.example.org/debian/"]
     ),
