@@ -19,6 +19,7 @@ from nspawnctl.container import (
     stop_container,
 )
 from nspawnctl.errors import ConfigError, OperationError
+from nspawnctl.guesttree import GuestPathError
 from nspawnctl.hold import held
 from nspawnctl.install import check_writable, is_ours, remove_file
 from nspawnctl.intent import Step, Transaction
@@ -27,7 +28,7 @@ from nspawnctl.log import log
 from nspawnctl.names import mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.ports import check_host_ports, host_listeners
-from nspawnctl.render import host_targets
+from nspawnctl.render import GENERATED_MARK, host_targets
 from nspawnctl.store import ImageStore
 
 
@@ -131,6 +132,8 @@ def plan(paths: Paths, config: ContainerConfig, config_text: str) -> Plan:
         for path, guest in dict.fromkeys(stale)
         if (path, guest) not in wanted and (old := read(path, guest)) is not None
     ]
+    if installed is not None:
+        changes += _retired_keys(layer, installed)
     return Plan(paths, config, lower, tuple(changes))
 
 
@@ -199,6 +202,36 @@ def carry_out(systemd: Systemd, plan: Plan, *, restart: bool = True, verb: str =
     if reboot:
         systemd.start(service_unit(name))
     return reboot
+
+
+# Where nspawnctl once wrote the YAML's keys: root's own authorized_keys, which
+# ssh-copy-id writes too, so that `apply` took the user's keys away. They are now in a
+# file of nspawnctl's own (sshd_config.d/nspawnctl.conf).
+_OLD_KEYS = PurePosixPath("root/.ssh/authorized_keys")
+
+
+def without_our_keys(text: str, ours: tuple[str, ...]) -> str | None:
+    """An authorized_keys file that nspawnctl once wrote, less what it wrote there (its
+    header and the YAML's keys): what the user added stays. None: nothing is left."""
+    kept = [
+        line
+        for line in text.splitlines()
+        if not line.startswith(GENERATED_MARK) and line not in ours
+    ]
+    return "".join(f"{line}\n" for line in kept) or None
+
+
+def _retired_keys(layer: Layer, installed: ContainerConfig) -> list[FileChange]:
+    """The change that takes the YAML's keys out of root's own authorized_keys, where an
+    older nspawnctl put them: a key taken out of the YAML must stop working."""
+    try:
+        old = _read_guest(layer, _OLD_KEYS)
+    except GuestPathError:
+        return []  # a link or a fifo: the guest's own doing, and not a file of ours
+    if old is None or not old.startswith(GENERATED_MARK):
+        return []
+    new = without_our_keys(old, installed.ssh.authorized_keys)
+    return [FileChange(layer.upper / _OLD_KEYS, old, new, 0o600, _OLD_KEYS)]
 
 
 def _installed_config(paths: Paths, name: str) -> ContainerConfig | None:

@@ -27,7 +27,7 @@ QUIESCE_SECONDS = 15
 
 # Guest files that must not be readable by everyone.
 _GUEST_MODES = {
-    "root/.ssh/authorized_keys": 0o600,
+    "etc/ssh/nspawnctl/authorized_keys.root": 0o600,
     "usr/local/libexec/nspawnctl-idle": 0o755,
     "usr/local/libexec/nspawnctl-quiesce": 0o755,
 }

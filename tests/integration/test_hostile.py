@@ -97,7 +97,8 @@ def test_machine_id_is_the_hosts_and_never_read_back(host: TestHost, canaries: s
 @pytest.mark.parametrize(
     ("where", "link"),
     [
-        ("/root/.ssh", f"{CANARY}/ssh"),  # absolute: the host's path, seen from the host
+        # absolute: the host's path, seen from the host
+        ("/etc/ssh/nspawnctl", f"{CANARY}/ssh"),
         ("/etc/systemd/system", f"{CANARY}/units"),
         ("/etc/hostname", f"../../../../../../..{CANARY}/secret"),  # relative, climbing
         ("/usr/local/libexec", f"{CANARY}/dir"),

@@ -9,6 +9,7 @@ import pytest
 from nspawnctl.config import parse_config
 from nspawnctl.install import verify_units
 from nspawnctl.paths import Paths
+from nspawnctl.reconcile import without_our_keys
 from nspawnctl.render import GENERATED_MARK, MachineState, Rendering, render
 
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
@@ -57,7 +58,10 @@ def test_guest_identity_and_access(rendering: Rendering, pubkey: Path) -> None:
     root = "/var/lib/machines/web"
     assert out[f"{root}/etc/hostname"] == "www\n"
     assert out[f"{root}/etc/machine-id"] == MACHINE_ID + "\n"
-    assert pubkey.read_text().strip() in out[f"{root}/root/.ssh/authorized_keys"].splitlines()
+    assert (
+        pubkey.read_text().strip()
+        in out[f"{root}/etc/ssh/nspawnctl/authorized_keys.root"].splitlines()
+    )
     assert "PasswordAuthentication no" in out[f"{root}/etc/ssh/sshd_config.d/nspawnctl.conf"]
     # An empty unit file is a masked unit: the image's own sshd must not start.
     assert out[f"{root}/etc/systemd/system/ssh.service"] == ""  # Debian's name
@@ -65,7 +69,7 @@ def test_guest_identity_and_access(rendering: Rendering, pubkey: Path) -> None:
     service = unit(out[f"{root}/etc/systemd/system/sshd@.service"])
     assert service["Service"]["RuntimeDirectory"] == "sshd"
     modes = {str(f.path): f.mode for f in rendering.guest}
-    assert modes["root/.ssh/authorized_keys"] == 0o600
+    assert modes["etc/ssh/nspawnctl/authorized_keys.root"] == 0o600
 
 
 def test_service_drop_in_boots_this_machine(rendering: Rendering) -> None:
@@ -182,3 +186,10 @@ def test_idle_check_counts_connections_of_native_sockets(pubkey: Path) -> None:
     )
     assert "--value \\\n            echo.socket dns.socket | grep -qv '^0$'\n}" in natives
     assert "--property=NConnections" not in idle_script([])
+
+
+def test_an_old_authorized_keys_loses_only_what_nspawnctl_wrote() -> None:
+    header = f"{GENERATED_MARK}/etc/nspawnctl/web.yaml; edit that file, not this one."
+    ours, theirs = "ssh-ed25519 AAAAours yaml", "ssh-ed25519 AAAAtheirs copied"
+    assert without_our_keys(f"{header}\n{ours}\n{theirs}\n", (ours,)) == f"{theirs}\n"
+    assert without_our_keys(f"{header}\n{ours}\n", (ours,)) is None
