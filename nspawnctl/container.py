@@ -22,6 +22,7 @@ from nspawnctl.layers import (
     Layer,
     check_upper_filesystem,
     mounted_lower,
+    record_text,
     reown_layer,
     used_uid_bases,
 )
@@ -278,6 +279,9 @@ def create_layer(
         # on any of these paths is refused, never followed to the host's files.
         for file in rendering.guest:
             staging.write(file.path, file.text, file.mode, lower)
+        write_atomic(
+            staging.record_file, record_text((f.path, f.text) for f in rendering.guest), 0o600
+        )
         staging.keep_machine_id(rendering.machine_id)
         if staging.tree.lstat(_HOST_KEY) is None:
             _make_host_key(staging, name, lower)

@@ -10,10 +10,11 @@ container's uid range on disk: guest uid N is host uid `uid_base`+N."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import stat
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 
@@ -92,6 +93,25 @@ class Layer:
             self.keep_machine_id(mid)
         return mid
 
+    @property
+    def record_file(self) -> Path:
+        """What nspawnctl last wrote into the guest's tree, a SHA-256 per file, kept
+        beside upper/: a guest file that no longer matches was changed in the guest, by
+        its user, and `apply` leaves it be while the YAML says nothing new for it."""
+        return self.path / "guest-files"
+
+    def written(self) -> dict[str, str] | None:
+        """The record: relative path -> digest. None for a layer made before it."""
+        try:
+            text = self.record_file.read_text()
+        except FileNotFoundError:
+            return None
+        record: dict[str, str] = {}
+        for line in text.splitlines():
+            digest, _, relative = line.partition("  ")
+            record[relative] = digest
+        return record
+
     def keep_machine_id(self, mid: str) -> None:
         write_atomic(self.identity_file, checked_machine_id(mid, "machine-id") + "\n", 0o600)
 
@@ -117,6 +137,16 @@ class Layer:
             return (0o700 if relative.endswith(".ssh") else 0o755), base, base
 
         return make
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def record_text(files: Iterable[tuple[PurePath, str]]) -> str:
+    """The record of `files` (path relative to the guest's root, text), in the layout of
+    sha256sum(1)."""
+    return "".join(f"{digest(text)}  {path}\n" for path, text in sorted(files))
 
 
 def checked_machine_id(text: str, where: str) -> str:

@@ -23,7 +23,7 @@ from nspawnctl.guesttree import GuestPathError
 from nspawnctl.hold import held
 from nspawnctl.install import check_writable, is_ours, remove_file
 from nspawnctl.intent import Step, Transaction
-from nspawnctl.layers import Layer
+from nspawnctl.layers import Layer, digest, record_text
 from nspawnctl.log import log
 from nspawnctl.names import mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
@@ -59,6 +59,9 @@ class Plan:
     config: ContainerConfig
     lower: Path  # the image version the container's layer sits on
     changes: tuple[FileChange, ...]
+    # Guest files changed in the guest that the YAML says nothing new for: left be.
+    kept: tuple[PurePosixPath, ...] = ()
+    record: str = ""  # the layer's record of what nspawnctl wrote, once this is done
 
     @property
     def name(self) -> str:
@@ -122,11 +125,22 @@ def plan(paths: Paths, config: ContainerConfig, config_text: str) -> Plan:
         stale += [
             (layer.upper / f.path, f.path) for f in rendering_for(paths, installed, image).guest
         ]
-    changes = [
-        FileChange(path, old, text, mode, guest)
-        for (path, guest), (text, mode) in wanted.items()
-        if (old := read(path, guest)) != text
-    ]
+    # A guest file that differs from what nspawnctl last wrote there was changed in the
+    # guest: the user's, as long as the YAML (or nspawnctl) has nothing new for it.
+    record = layer.written()
+    changes, kept = [], []
+    for (path, guest), (text, mode) in wanted.items():
+        if (old := read(path, guest)) == text:
+            continue
+        if (
+            guest is not None
+            and old is not None
+            and record is not None
+            and record.get(str(guest)) == digest(text)
+        ):
+            kept.append(guest)
+            continue
+        changes.append(FileChange(path, old, text, mode, guest))
     changes += [
         FileChange(path, old, None, guest=guest)
         for path, guest in dict.fromkeys(stale)
@@ -134,7 +148,8 @@ def plan(paths: Paths, config: ContainerConfig, config_text: str) -> Plan:
     ]
     if installed is not None:
         changes += _retired_keys(layer, installed)
-    return Plan(paths, config, lower, tuple(changes))
+    written = record_text((f.path, f.text) for f in rendering.guest)
+    return Plan(paths, config, lower, tuple(changes), tuple(kept), written)
 
 
 def check_listens(paths: Paths, plan: Plan) -> None:
@@ -191,6 +206,10 @@ def carry_out(systemd: Systemd, plan: Plan, *, restart: bool = True, verb: str =
                     remove_file(change.path)
                 else:
                     write_atomic(change.path, change.new, change.mode)
+            previous = _read(layer.record_file)
+            if previous != plan.record:
+                transaction.step(Step("file", str(layer.record_file), previous, 0o600))
+                write_atomic(layer.record_file, plan.record, 0o600)
             systemd.reload()
             if plan.changed("container.socket.j2"):
                 # New addresses are bound by a fresh start of the socket; the guest keeps

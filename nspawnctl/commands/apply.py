@@ -139,6 +139,10 @@ def _apply_one(
             tally.added.append(name)
             return
         plan = reconcile.plan(paths, config, text)
+        if plan.kept:
+            # The guest's root chose these names' contents, not their names: ours.
+            kept = ", ".join(f"/{path}" for path in plan.kept)
+            print(f"= {name}: changed in the guest, kept: {kept}")
         if not plan.changes:
             tally.unchanged.append(name)
             return

@@ -125,6 +125,24 @@ def test_a_key_added_in_the_guest_survives_an_unchanged_apply(host: TestHost) ->
     assert login_with(host, CLIENT_KEY, 2301) == "a"
 
 
+def test_a_file_changed_in_the_guest_is_kept_until_the_yaml_changes_it(host: TestHost) -> None:
+    ssh(host, 2301, "echo custom > /etc/hostname")  # what hostnamectl set-hostname writes
+    dry = nspawnctl(host, "apply", "--dry-run", FLEET, check=False).stdout
+    assert "~ a" not in dry
+    assert "= a: changed in the guest, kept: /etc/hostname" in dry
+    running = leader(host, "a")
+    nspawnctl(host, "apply", FLEET, check=False)
+    assert ssh(host, 2301, "cat /etc/hostname").stdout == "custom\n"
+    assert leader(host, "a") == running
+    # The YAML says something new for that file: the YAML wins.
+    host.write_file(f"{FLEET}/a.yaml", yaml_for(2301, "hostname: ay\n"))
+    nspawnctl(host, "apply", FLEET, check=False)
+    assert ssh(host, 2301, "hostname").stdout.strip() == "ay"
+    host.write_file(f"{FLEET}/a.yaml", yaml_for(2301))
+    nspawnctl(host, "apply", FLEET, check=False)
+    assert ssh(host, 2301, "hostname").stdout.strip() == "a"
+
+
 def test_keys_an_older_nspawnctl_wrote_into_roots_file_are_taken_out(host: TestHost) -> None:
     # As an older nspawnctl left root's authorized_keys: its header and the YAML's key,
     # and below them a key the user added.
