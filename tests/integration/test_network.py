@@ -12,7 +12,15 @@ import pytest
 
 from nspawnctl.recipe import parse_image, with_bootstrap
 from nspawnctl.store import ImageStore
-from tests.integration.conftest import CLIENT_KEY, booted_host, nspawnctl, squatter, ssh
+from tests.integration.conftest import (
+    CLIENT_KEY,
+    booted_host,
+    fresh,
+    nspawnctl,
+    squatter,
+    ssh,
+    ssh_argv,
+)
 from tests.testhost import TestHost
 
 WEB = f"""\
@@ -49,7 +57,7 @@ with ThreadPoolExecutor(int(sys.argv[2])) as pool:
 @pytest.fixture(scope="module")
 def nginx_image(image_cache: Path) -> Path:
     recipe = with_bootstrap(parse_image("debian:bookworm"), packages=("nginx",))
-    ImageStore(image_cache).ensure(recipe)
+    fresh(ImageStore(image_cache), recipe)
     return image_cache
 
 
@@ -99,6 +107,23 @@ def test_native_socket_unit_takes_its_socket(host: TestHost) -> None:
     stop(host, "web")
     out = host.run([sys.executable, "-c", ECHO_CLIENT, "2022"]).stdout
     assert out.strip() == "hello"
+
+
+def test_localhost_and_its_own_name_resolve_and_ssh_forwards_to_localhost(
+    host: TestHost,
+) -> None:
+    assert ssh(host, 2222, "hostname -f").stdout.strip() == "web"
+    assert "localhost" in ssh(host, 2222, "getent hosts localhost").stdout
+    # What `ssh -L 8000:localhost:8000` asks of the guest's sshd, on standard input and
+    # output: a connection to localhost, here to an echo service of the guest's.
+    ssh(
+        host,
+        2222,
+        "systemd-run --unit=echo9000 systemd-socket-activate -l 127.0.0.1:9000 -a --inetd /bin/cat",
+    )
+    argv = ssh_argv(2222, "")
+    out = host.run([*argv[:-2], "-W", "localhost:9000", argv[-2]], input="hello\n").stdout
+    assert out == "hello\n"
 
 
 def test_private_network_has_only_loopback(host: TestHost) -> None:
