@@ -336,6 +336,14 @@ def strip_identity(rootfs: Path) -> None:
     if machine_id_file.is_symlink():
         machine_id_file.unlink()
     machine_id_file.write_text("")
+    # The building machine's own (debootstrap copies them): its name server means
+    # nothing on a container's private network, where nspawn leaves the file as it is,
+    # and makes every lookup wait for nothing; the name is each container's own. A
+    # link (to systemd-resolved's stub, say) is the image's design, and stays.
+    for own in ("etc/resolv.conf", "etc/hostname"):
+        path = rootfs / own
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
     dbus_id = rootfs / "var/lib/dbus/machine-id"
     if dbus_id.is_file() and not dbus_id.is_symlink():
         dbus_id.unlink()

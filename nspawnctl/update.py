@@ -12,6 +12,7 @@ from pathlib import Path
 from nspawnctl import backup
 from nspawnctl.atomic import write_atomic
 from nspawnctl.backup import Snapshot
+from nspawnctl.bootstrap import debootstrap, dnf
 from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig
 from nspawnctl.container import installed_uid_base, rendering_for, users_of
@@ -27,14 +28,18 @@ from nspawnctl.render import Rendering, host_targets
 from nspawnctl.store import Image, ImageStore
 from nspawnctl.userns import idmapped_lowers, unmount
 
+# The distribution's upgrade, and what nspawnctl puts in every image (an image built by
+# an older nspawnctl gets what a newer one added to BASE_PACKAGES).
 _UPGRADE = {
     "debootstrap": [
         "sh",
         "-c",
-        "apt-get update && DEBIAN_FRONTEND=noninteractive "
-        "apt-get -y -o Dpkg::Options::=--force-confold dist-upgrade && apt-get clean",
+        "apt-get update && export DEBIAN_FRONTEND=noninteractive && "
+        "apt-get -y -o Dpkg::Options::=--force-confold dist-upgrade && "
+        f"apt-get -y --no-install-recommends install {' '.join(debootstrap.BASE_PACKAGES)} && "
+        "apt-get clean",
     ],
-    "dnf": ["dnf", "-y", "upgrade"],
+    "dnf": ["sh", "-c", f"dnf -y upgrade && dnf -y install {' '.join(dnf.BASE_PACKAGES)}"],
 }
 
 

@@ -11,6 +11,7 @@ packages=(
     zstd xz-utils         # tar imports of .tar.zst and .tar.xz archives
     libsystemd-dev pkg-config gcc   # pystemd builds against libsystemd
     openssh-client        # ssh-keygen for guest host keys; ssh for the tests
+    rsync                 # the tests copy files to and from a guest, as users do
     iproute2              # ss, for the tests
     groff-base man-db     # the man page test renders the pages
     qemu-system-x86 linux-image-cloud-amd64   # the VM tests boot a whole VM host (tests/vm)

@@ -43,6 +43,11 @@ BASE_PACKAGES = (
     # glibc needs some langpack; left to choose, dnf may take glibc-all-langpacks
     # (over 200 MB) where the minimal one (C and C.UTF-8 only) is enough.
     "glibc-minimal-langpack",
+    # What the tools people point at an SSH server expect: python3 (Ansible's
+    # modules), rsync, an editor; shutdown and reboot come with systemd.
+    "python3",
+    "rsync",
+    "vim-minimal",
 )
 # The repository's name for dnf; also the prefix of its per-repository options.
 REPO_ID = "nspawnctl"

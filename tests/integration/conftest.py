@@ -16,11 +16,13 @@ from subprocess import CompletedProcess
 
 import pytest
 
-from nspawnctl.recipe import parse_image
+from nspawnctl.bootstrap.debootstrap import BASE_PACKAGES
+from nspawnctl.recipe import Recipe, parse_image
 from nspawnctl.store import Image, ImageStore
 from tests.testhost import Bind, TestHost
 
-# Keyed by recipe inside, so a changed recipe is a new image, never a stale one.
+# Keyed by recipe inside, so a changed recipe is a new image; one that an older
+# nspawnctl built without what this one puts in every image is built again (fresh()).
 IMAGE_CACHE = Path(os.environ.get("NSPAWNCTL_TEST_IMAGE_CACHE", "/var/cache/nspawnctl-test/images"))
 STATE_IN_HOST = "/var/lib/nspawnctl"
 STORE_IN_HOST = f"{STATE_IN_HOST}/images"
@@ -35,7 +37,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def cached_image() -> Image:
     """debian:bookworm, bootstrapped on this machine once (the test host has no network)."""
-    return ImageStore(IMAGE_CACHE).ensure(parse_image("debian:bookworm"))
+    return fresh(ImageStore(IMAGE_CACHE), parse_image("debian:bookworm"))
+
+
+def fresh(store: ImageStore, recipe: Recipe) -> Image:
+    """The store's image of a debootstrap `recipe`, built again if it lacks a package
+    that nspawnctl now puts in every image (the tests count on them)."""
+    image = store.find(recipe)
+    if image is not None and not set(BASE_PACKAGES) <= _dpkg_installed(image.current):
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", image.path], check=True)
+    return store.ensure(recipe)
+
+
+def _dpkg_installed(root: Path) -> set[str]:
+    try:
+        status = (root / "var/lib/dpkg/status").read_text()
+    except FileNotFoundError:
+        return set()
+    names = set()
+    for block in status.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if fields.get("Status") == "install ok installed":
+            names.add(fields.get("Package", ""))
+    return names
 
 
 @pytest.fixture(scope="session")
