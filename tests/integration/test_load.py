@@ -1,10 +1,12 @@
 """Under load, with real clients: a port checker's storm of connect-and-close calls
-never wedges the guest's SSH socket, and a hundred SSH sessions at once (more than
-systemd's default MaxConnections=64) are all served."""
+never wedges the guest's SSH socket, a hundred SSH sessions at once (more than
+systemd's default MaxConnections=64) are all served, and so is the first connection to
+each of many stopped containers at once (as after a host's reboot)."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +16,33 @@ from tests.testhost import TestHost
 
 PORT = 2701
 SESSIONS = 100
+BURST_PORTS = range(2710, 2718)
+
+# The first connection to each port at once, each waiting for its SSH banner; prints
+# "PORT RESULT SECONDS" per port (RESULT: served, or how it was lost). bench.cold_burst
+# fires it too.
+BURST = """
+import socket, sys, time
+from concurrent.futures import ThreadPoolExecutor
+ports = [int(p) for p in sys.argv[1:]]
+def first(port):
+    start = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=150) as s:
+            s.settimeout(150)
+            result = "served" if s.recv(64).startswith(b"SSH-2.0") else "no-banner"
+    except OSError as e:
+        result = type(e).__name__
+    return port, result, time.monotonic() - start
+with ThreadPoolExecutor(len(ports)) as pool:
+    for port, result, seconds in pool.map(first, ports):
+        print(port, result, f"{seconds:.3f}")
+"""
+
+
+def running_machines(host: TestHost) -> list[str]:
+    out = host.run(["machinectl", "list", "--no-legend", "--no-pager"]).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +88,23 @@ def test_a_hundred_ssh_sessions_at_once_are_all_served(host: TestHost, busy: str
     served = sum(out.strip() == "served" for out, _err in results)
     failures = {err.strip() for out, err in results if out.strip() != "served"}
     assert served == SESSIONS, failures
+
+
+def test_first_connections_to_many_stopped_containers_at_once_are_all_served(
+    host: TestHost,
+) -> None:
+    names = [f"burst{i}" for i in range(len(BURST_PORTS))]
+    for name, port in zip(names, BURST_PORTS, strict=True):
+        host.write_file(
+            f"/var/tmp/{name}.yaml",
+            f"ssh: {{listen: {port}, authorized_keys: [{CLIENT_KEY}.pub]}}",
+        )
+        nspawnctl(host, "add", name, "-f", f"/var/tmp/{name}.yaml")
+    assert not set(names) & set(running_machines(host))
+    out = host.run(["python3", "-c", BURST, *map(str, BURST_PORTS)], timeout=300).stdout
+    results = [line.split()[1] for line in out.splitlines()]
+    assert results == ["served"] * len(names), out
+    # And stopped all at once: every one powers off.
+    stops = [host.popen([sys.executable, "-m", "nspawnctl", "stop", n]) for n in names]
+    assert [stop.wait(timeout=180) for stop in stops] == [0] * len(names)
+    assert not set(names) & set(running_machines(host))
