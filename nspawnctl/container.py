@@ -152,21 +152,29 @@ def installed_lower(paths: Paths, name: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def merged_view(paths: Paths, name: str) -> Iterator[Path]:
-    """A stopped container's whole tree, read-only: its layer stacked over its image."""
+def merged_view(paths: Paths, name: str, *, upper: Path | None = None) -> Iterator[Path]:
+    """A container's whole tree, read-only: its layer stacked over its image. Of a
+    stopped container; of a running one only given `upper`, a copy of its layer taken
+    by descriptors (guesttree.copy_live), stacked over the image version it runs on: a
+    running guest's own tree is never walked by path names, which it can swap."""
     root = paths.machine_dir(name)
     layer = Layer.of(paths, name)
     if not layer.upper.is_dir():
         raise UsageError(f"no container {name!r}", hint="see `nspawnctl list`")
-    if mounted_lower(root) is not None:
+    running_on = mounted_lower(root)
+    if running_on is not None and upper is None:
         raise UsageError(f"{name} is running", hint=f"`nspawnctl stop {name}` first")
     config = load_config(name, paths.config_file(name))
-    lower = installed_lower(paths, name) or ImageStore(paths.image_dir).ensure(config.image).current
+    lower = (
+        running_on
+        or installed_lower(paths, name)
+        or ImageStore(paths.image_dir).ensure(config.image).current
+    )
     with contextlib.ExitStack() as stack:
         # Owners as the guest sees them: its layer's files are in its uid range on disk.
-        upper = stack.enter_context(guest_view(layer.upper, layer.uid_base))
+        shifted = stack.enter_context(guest_view(upper or layer.upper, layer.uid_base))
         view = stack.enter_context(tempfile.TemporaryDirectory(prefix="nspawnctl-view-"))
-        run(["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={upper}:{lower}", view])
+        run(["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={shifted}:{lower}", view])
         try:
             yield Path(view)
         finally:

@@ -98,14 +98,11 @@ def _export(
                 layer = mounts.enter_context(_live_copy(paths, name))
             tar.create(target, [*sources, (layer, [UPPER])], live=live)
         else:
-            # A running container's tree is mounted already; a stopped one's is stacked
-            # read-only for the while.
-            tree = (
-                paths.machine_dir(name)
-                if live
-                else mounts.enter_context(container.merged_view(paths, name))
-            )
-            tar.create(target, [*sources, (tree, ["."])], excludes=tar.RUNTIME_EXCLUDES, live=live)
+            # The tree stacked read-only for the while: a stopped container's layer, or a
+            # copy of a running one's (its mounted tree is the guest's to swap under tar).
+            copy = mounts.enter_context(_live_copy(paths, name)) / UPPER if live else None
+            tree = mounts.enter_context(container.merged_view(paths, name, upper=copy))
+            tar.create(target, [*sources, (tree, ["."])], excludes=tar.RUNTIME_EXCLUDES)
     return manifest
 
 

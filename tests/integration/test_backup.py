@@ -141,6 +141,21 @@ def test_full_export_is_an_image_and_imports_as_a_container(host: TestHost, box:
     assert ssh(host, BOX, "cat /etc/machine-id").stdout != machine_id
 
 
+def test_full_export_of_a_running_container_is_of_a_copy(host: TestHost, box: str) -> None:
+    # Its mounted tree is the guest's to swap under tar: the archive is made from a copy
+    # of its layer, stacked over the image version it runs on.
+    ssh(host, BOX, "echo running > /srv/live.txt")
+    nspawnctl(host, "export", "--full", "--force", box, "/var/tmp/live.tar.zst")
+    members = set(host.run(["tar", "--zstd", "-tf", "/var/tmp/live.tar.zst"]).stdout.split())
+    assert {"./etc/os-release", "./srv/live.txt", "./srv/full.txt"} <= members
+    manifest = host.run(
+        ["tar", "--zstd", "-xOf", "/var/tmp/live.tar.zst", ".nspawnctl-export/manifest.json"]
+    ).stdout
+    assert '"live": true' in manifest
+    assert box in host.run(["machinectl", "list", "--no-legend"]).stdout  # it ran on
+    host.run(["rm", "/var/tmp/live.tar.zst"])
+
+
 def test_snapshot_change_rollback(host: TestHost, tick: str) -> None:
     # /etc/issue deleted before the snapshot, /etc/motd after: overlayfs marks each as
     # deleted in the layer (a whiteout), which the snapshot must keep as it is.
