@@ -87,6 +87,11 @@ class Plan:
         return any(c.path not in quiet for c in self.changes)
 
 
+# Guest files whose content is the host's fact, not the user's: put back by every apply
+# even when changed in the guest. nspawn names the journal directory it links into the
+# guest after the guest's /etc/machine-id.
+_ALWAYS_PUT_BACK = frozenset({PurePosixPath("etc/machine-id")})
+
 # A file's host path, and for a guest's file its path relative to the layer's root.
 _Where = tuple[Path, PurePosixPath | None]
 
@@ -137,6 +142,7 @@ def plan(paths: Paths, config: ContainerConfig, config_text: str) -> Plan:
             and old is not None
             and record is not None
             and record.get(str(guest)) == digest(text)
+            and guest not in _ALWAYS_PUT_BACK
         ):
             kept.append(guest)
             continue
