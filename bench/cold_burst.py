@@ -18,7 +18,8 @@ import statistics
 import sys
 
 from tests.integration.conftest import CLIENT_KEY, IMAGE_CACHE, booted_host, cached_image
-from tests.integration.test_load import BURST, running_machines
+from tests.integration.test_core import machines
+from tests.integration.test_load import BURST
 from tests.testhost import TestHost
 
 FIRST_PORT = 3001
@@ -49,7 +50,7 @@ def cpu_seconds() -> float:
 def burst(host: TestHost, size: int) -> None:
     names = [f"c{i}" for i in range(size)]
     ports = [str(FIRST_PORT + i) for i in range(size)]
-    assert not set(names) & set(running_machines(host)), "not all stopped"
+    assert not set(names) & set(machines(host)), "not all stopped"
     before = cpu_seconds()
     out = host.run([sys.executable, "-c", BURST, *ports], timeout=600).stdout
     cpu = cpu_seconds() - before
@@ -64,9 +65,7 @@ def burst(host: TestHost, size: int) -> None:
     cpus = os.cpu_count() or 1
     print(f"      CPU used {cpu:6.1f} s: the ideal on {cpus} CPUs is {cpu / cpus:6.2f} s")
     stop = host.run([sys.executable, "-c", STOP_ALL, *names], timeout=600).stdout.split()
-    host.wait_for(
-        lambda: not set(names) & set(running_machines(host)), timeout=120, what="all stopped"
-    )
+    host.wait_for(lambda: not set(names) & set(machines(host)), timeout=120, what="all stopped")
     print(f"      stop of all {size} at once: {float(stop[0]):6.2f} s, {stop[1]} failed")
 
 

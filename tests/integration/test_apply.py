@@ -7,6 +7,7 @@ import json
 
 from tests.integration.conftest import CLIENT_KEY, nspawnctl, ssh, ssh_argv
 from tests.integration.test_core import leftovers, machines
+from tests.integration.test_idle import leader
 from tests.testhost import TestHost
 
 FLEET = "/root/fleet"
@@ -101,16 +102,13 @@ def login_with(host: TestHost, key: str, port: int) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def leader(host: TestHost, name: str) -> str:
-    return host.run(["machinectl", "show", "--property=Leader", "--value", name]).stdout.strip()
-
-
 def test_a_key_added_in_the_guest_survives_an_unchanged_apply(host: TestHost) -> None:
     host.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", SECOND_KEY])
     ssh(host, 2301, "true")
     options = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
     host.run(["ssh-copy-id", "-i", f"{SECOND_KEY}.pub", "-p", "2301", *options, "root@127.0.0.1"])
     running = leader(host, "a")
+    assert running is not None
     result = nspawnctl(host, "apply", FLEET, check=False)
     assert "restarted" not in result.stdout
     assert leader(host, "a") == running  # not even power-cycled
@@ -131,6 +129,7 @@ def test_a_file_changed_in_the_guest_is_kept_until_the_yaml_changes_it(host: Tes
     assert "~ a" not in dry
     assert "= a: changed in the guest, kept: /etc/hostname" in dry
     running = leader(host, "a")
+    assert running is not None
     nspawnctl(host, "apply", FLEET, check=False)
     assert ssh(host, 2301, "cat /etc/hostname").stdout == "custom\n"
     assert leader(host, "a") == running

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.conftest import CLIENT_KEY, nspawnctl, ssh, ssh_argv
+from tests.integration.test_core import machines
 from tests.testhost import TestHost
 
 PORT = 2701
@@ -38,11 +39,6 @@ with ThreadPoolExecutor(len(ports)) as pool:
     for port, result, seconds in pool.map(first, ports):
         print(port, result, f"{seconds:.3f}")
 """
-
-
-def running_machines(host: TestHost) -> list[str]:
-    out = host.run(["machinectl", "list", "--no-legend", "--no-pager"]).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +96,11 @@ def test_first_connections_to_many_stopped_containers_at_once_are_all_served(
             f"ssh: {{listen: {port}, authorized_keys: [{CLIENT_KEY}.pub]}}",
         )
         nspawnctl(host, "add", name, "-f", f"/var/tmp/{name}.yaml")
-    assert not set(names) & set(running_machines(host))
+    assert not set(names) & set(machines(host))
     out = host.run(["python3", "-c", BURST, *map(str, BURST_PORTS)], timeout=300).stdout
     results = [line.split()[1] for line in out.splitlines()]
     assert results == ["served"] * len(names), out
     # And stopped all at once: every one powers off.
     stops = [host.popen([sys.executable, "-m", "nspawnctl", "stop", n]) for n in names]
     assert [stop.wait(timeout=180) for stop in stops] == [0] * len(names)
-    assert not set(names) & set(running_machines(host))
+    assert not set(names) & set(machines(host))
