@@ -5,6 +5,7 @@ between runs, because the test host has no network of its own."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -43,10 +44,15 @@ def cached_image() -> Image:
 def fresh(store: ImageStore, recipe: Recipe) -> Image:
     """The store's image of a debootstrap `recipe`, built again if it lacks a package
     that nspawnctl now puts in every image (the tests count on them)."""
-    image = store.find(recipe)
-    if image is not None and not set(BASE_PACKAGES) <= _dpkg_installed(image.current):
-        subprocess.run(["rm", "-rf", "--one-file-system", "--", image.path], check=True)
-    return store.ensure(recipe)
+    # Test modules run in parallel workers (pytest-xdist): one of them must not remove an
+    # image that another has just found. Not the store's own lock: ensure() takes that.
+    store.root.mkdir(parents=True, exist_ok=True)
+    with open(store.root.parent / f".{store.root.name}.fresh.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        image = store.find(recipe)
+        if image is not None and not set(BASE_PACKAGES) <= _dpkg_installed(image.current):
+            subprocess.run(["rm", "-rf", "--one-file-system", "--", image.path], check=True)
+        return store.ensure(recipe)
 
 
 def _dpkg_installed(root: Path) -> set[str]:
