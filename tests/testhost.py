@@ -34,6 +34,8 @@ DEFAULT_MASK: tuple[str, ...] = (
 )
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NSPAWN_RUNDIR = Path("/run/systemd/nspawn")
+# Where a test host's own cgroup is made, in each of these that is a cgroup hierarchy.
+CGROUP_ROOTS = tuple(Path("/sys/fs/cgroup", h) for h in ("systemd", "unified", ""))
 # The checkout this code runs from: the package and its templates, the tests, the
 # scripts. An editable install points into it.
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -127,6 +129,7 @@ class TestHost:
         self._mounts: list[Path] = []
         self._nspawn: subprocess.Popen[bytes] | None = None
         self._clients: list[subprocess.Popen[str]] = []
+        self._cgroups: list[Path] = []  # made for it on a host without systemd
 
     def __enter__(self) -> TestHost:
         atexit.register(self.close)  # a crashed test run must not leave mounts behind
@@ -185,6 +188,7 @@ class TestHost:
         # changes under it, and nspawnctl runs inside from the checkout (editable install).
         binds = (*self.binds, Bind(CHECKOUT, str(CHECKOUT), readonly=True))
         argv += [f"--bind{'-ro' if b.readonly else ''}={b.source}:{b.target}" for b in binds]
+        argv = self._in_own_cgroup(argv)
         env = {"PATH": BASE_PATH, "TERM": "dumb"}  # TERM=dumb: a plain-text console log
         with open(self._log, "wb") as log:
             self._nspawn = subprocess.Popen(
@@ -203,6 +207,33 @@ class TestHost:
                 f"--- nspawn log:\n{self._log_tail()}"
             ) from None
         self.boot_seconds = time.monotonic() - start
+
+    def _in_own_cgroup(self, argv: list[str]) -> list[str]:
+        """`argv` run in a cgroup of its own. nspawn --keep-unit boots the host in the
+        cgroup it is started in, and the host's systemd takes that tree for its own: two
+        test hosts in one cgroup (parallel test modules) remove each other's unit cgroups,
+        and their mounts fail to unmount (status=219/CGROUP)."""
+        if Path("/run/systemd/system").is_dir():  # a systemd host: a scope it delegates
+            scope = ["systemd-run", "--scope", "--quiet", "--collect", "--property=Delegate=yes"]
+            return [*scope, f"--unit={self.machine}", *argv]
+        # No systemd here: a cgroup in each hierarchy that has processes (on a hybrid
+        # host the named systemd one and the unified one), joined before exec.
+        for root in CGROUP_ROOTS:
+            if (root / "cgroup.procs").exists():
+                (root / self.machine).mkdir()
+                self._cgroups.append(root / self.machine)
+        join = "".join(
+            f"echo $$ > {shlex.quote(str(c / 'cgroup.procs'))} && " for c in self._cgroups
+        )
+        return ["sh", "-c", f'{join}exec "$@"', "sh", *argv]
+
+    def _remove_cgroups(self) -> None:
+        # Bottom-up: the host's systemd left its slices there; a cgroup goes by rmdir.
+        while self._cgroups:
+            top = self._cgroups.pop()
+            for where, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(where)
 
     def _log_tail(self) -> str:
         # The console is a pty: its lines end in "\r\r\n".
@@ -294,6 +325,7 @@ class TestHost:
                     os.kill(self.leader, signal.SIGKILL)
                 os.killpg(nspawn.pid, signal.SIGKILL)
                 nspawn.wait()
+        self._remove_cgroups()
         while self._mounts:
             mount = self._mounts.pop()
             with contextlib.suppress(CommandFailed):
