@@ -386,7 +386,7 @@ def _remove(paths: Paths, name: str, systemd: Systemd, *, keep_rootfs: bool) -> 
         if base := layer.uid_base:
             unmount([lower for lower in idmapped_lowers() if lower.base == base])
     mid = machine_id(paths, name)
-    if mid:  # the guest's journal, kept on the host by systemd-nspawn --link-journal=try-host
+    if mid:  # the guest's journal, kept on the host (bound into it by its service)
         journal = paths.journal_dir / mid
         if journal.is_symlink():
             journal.unlink()

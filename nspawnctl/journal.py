@@ -1,7 +1,7 @@
 """Journals a guest may have forged, read so that each entry is told by where it lies.
 
-Every field of a container's journal is the guest's to write: with
-`--link-journal=try-host` its root owns `JOURNAL_DIR/MACHINE-ID` on the host and can put
+Every field of a container's journal is the guest's to write: bound into the guest, its
+root owns `JOURNAL_DIR/MACHINE-ID` on the host and can put
 any file there, with any `_MACHINE_ID`, `_HOSTNAME`, `_SYSTEMD_UNIT` or message in it.
 Fields therefore never say whose an entry is. What the guest cannot choose is the
 directory: the host made it, in a host-owned parent, named by the machine-id the host

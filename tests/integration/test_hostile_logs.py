@@ -151,6 +151,32 @@ def test_a_forged_machine_id_stays_with_the_forger(host: TestHost, pair: dict[st
     assert sources_of(host, "forged-machine-id-1", "--all", "-n", "3000") == {FORGER}
 
 
+def test_a_forged_machine_id_at_boot_gets_no_directory_of_the_hosts(
+    host: TestHost, pair: dict[str, str]
+) -> None:
+    """The guest's root writes the victim's ID into its own /etc/machine-id and boots
+    again, with no `apply` in between. nspawn's --link-journal would have linked the
+    victim's directory on the host into it; the service binds the forger's own."""
+    own, victim = pair[FORGER], pair[VICTIM]
+    in_guest(host, FORGER, f"echo {victim} > /etc/machine-id")
+    nspawnctl(host, "stop", FORGER)
+    said = in_guest(
+        host,
+        FORGER,
+        "cat /etc/machine-id; logger -t sshd forged-at-boot-1; journalctl --flush\n"
+        f"journalctl --directory=/var/log/journal/{victim} -o cat | grep -c forged-at-boot-1",
+    )
+    assert said.split() == [victim, "1"]  # booted with the forged ID, kept its own journal
+    victims = host.run(["journalctl", f"--directory=/var/log/journal/{victim}", "-o", "cat"])
+    assert "forged-at-boot-1" not in victims.stdout
+    assert "forged-at-boot-1" not in logs(host, VICTIM, "-n", "3000")
+    # Its own directory on the host is still the one bound in.
+    mounted = in_guest(host, FORGER, f"findmnt -n -o TARGET --target /var/log/journal/{own}")
+    assert mounted.strip() == f"/var/log/journal/{own}"
+    in_guest(host, FORGER, f"echo {own} > /etc/machine-id")
+    nspawnctl(host, "stop", FORGER)
+
+
 def test_the_hosts_journal_reads_no_guest_directory(host: TestHost, pair: dict[str, str]) -> None:
     """journalctl's default (local only) opens the host's own directory and nothing below
     a guest's, even one the guest names after the host's machine-id."""
