@@ -8,8 +8,9 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write a whole file or nothing: a reader never sees half of it."""
+def write_atomic(path: Path, text: str, mode: int = 0o644, owner: int = 0) -> None:
+    """Write a whole file or nothing: a reader never sees half of it, nor it with
+    another owner (uid and gid) than `owner`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -18,6 +19,8 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
+        if owner:
+            os.chown(tmp, owner, owner)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -413,7 +413,8 @@ def _swap(
             for path in host_targets(paths, name).values():
                 file = next((f for f in rendering.host if Path(f.path) == path), None)
                 text = file.text if file else None
-                if _put_back(path, text, file.mode if file else 0o644, undo):
+                mode, owner = (file.mode, file.owner) if file else (0o644, 0)
+                if _put_back(path, text, mode, undo, owner):
                     changed = True
                     network = network or path.suffix == ".network"
             if changed:
@@ -423,9 +424,10 @@ def _swap(
             reload_networkd(systemd, name)
 
 
-def _put_back(path: Path, text: str | None, mode: int, undo: Undo) -> bool:
-    """Make `path` hold `text` (None: not be there); remember how to undo it. Only files
-    nspawnctl wrote are removed. Returns whether anything changed."""
+def _put_back(path: Path, text: str | None, mode: int, undo: Undo, owner: int = 0) -> bool:
+    """Make `path` hold `text` (None: not be there) with `mode` and `owner`; remember
+    how to undo it. Only files nspawnctl wrote are removed. Returns whether anything
+    changed."""
     try:
         previous: str | None = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -435,6 +437,6 @@ def _put_back(path: Path, text: str | None, mode: int, undo: Undo) -> bool:
     if text is None:
         path.unlink()
     else:
-        write_atomic(path, text, mode)
-    undo.push(str(path), lambda: restore_file(path, previous))
+        write_atomic(path, text, mode, owner)
+    undo.push(str(path), lambda: restore_file(path, previous, mode, owner))
     return True

@@ -240,7 +240,7 @@ def add(
             change.step(Step("reload"))
             for file in rendering.host:
                 change.step(Step("file", str(file.path)))  # none of ours was there
-                write_atomic(Path(file.path), file.text, file.mode)
+                write_atomic(Path(file.path), file.text, file.mode, file.owner)
             systemd.reload()
             change.step(Step("stop", socket_unit(name)))
             systemd.start(socket_unit(name))

@@ -32,12 +32,12 @@ def check_writable(path: Path) -> None:
         )
 
 
-def restore_file(path: Path, previous: str | None) -> None:
+def restore_file(path: Path, previous: str | None, mode: int = 0o644, owner: int = 0) -> None:
     """Put back a file's previous text, or take it away if there was none (to undo)."""
     if previous is None:
         path.unlink(missing_ok=True)
     else:
-        write_atomic(path, previous)
+        write_atomic(path, previous, mode, owner)
 
 
 def remove_file(path: Path) -> None:
@@ -69,8 +69,8 @@ def verify_units(files: Iterable[RenderedFile], units: Iterable[str]) -> None:
             target = Path(staging) / file.path.name
             if file.path.parent.name.endswith(".d"):
                 target = Path(staging) / file.path.parent.name / file.path.name
-            if target.suffix in (".nspawn", ".network"):
-                continue  # not units: systemd-analyze has nothing to say about them
+            if target.suffix not in (".service", ".socket", ".mount", ".conf"):
+                continue  # not units (.nspawn, .network, keys): nothing for systemd-analyze
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(file.text)
         returncode, lines = systemd_verify(Path(staging), units)

@@ -125,8 +125,7 @@ def take_back(step: Step, systemd: Systemd) -> None:
             if step.previous is None:
                 remove_file(path)
             else:
-                write_atomic(path, step.previous, step.mode)
-                os.chown(path, step.owner, step.owner)
+                write_atomic(path, step.previous, step.mode, step.owner)
         case "tree":
             remove_tree(path)
         case "rmdir":

@@ -38,6 +38,7 @@ class FileChange:
     old: str | None  # None: a new file
     new: str | None  # None: the file goes
     mode: int = 0o644
+    owner: int = 0  # a host file's uid and gid (see render.RenderedFile)
     # A guest's file: its path relative to the layer's root, where it is read and
     # written only through the layer's GuestTree (guesttree.py).
     guest: PurePosixPath | None = None
@@ -75,17 +76,18 @@ class Plan:
     @property
     def needs_restart(self) -> bool:
         """The container boots with what changed: its guest files, its .nspawn file, its
-        service's ExecStart or its mount. The config file, the socket or the host's
-        .network file need no reboot; nor do resource limits, which `set` changes live."""
+        service's ExecStart or its mount. The config file, the socket, the host's
+        .network file and the SSH keys (read at each connection) need no reboot; nor do
+        resource limits, which `set` changes live."""
         quiet = {
             self.config.source,
-            *(
-                host_targets(self.paths, self.name)[t]
-                for t in ("container.socket.j2", "container.network.j2")
-            ),
+            *(host_targets(self.paths, self.name)[t] for t in _LIVE_HOST_FILES),
         }
         return any(c.path not in quiet for c in self.changes)
 
+
+# Host files whose change takes effect without a reboot (see Plan.needs_restart).
+_LIVE_HOST_FILES = ("container.socket.j2", "container.network.j2", "authorized_keys.j2")
 
 # Guest files whose content is the host's fact, not the user's: put back by every apply
 # even when changed in the guest. nspawn names the journal directory it links into the
@@ -117,11 +119,11 @@ def plan(paths: Paths, config: ContainerConfig, config_text: str) -> Plan:
     def read(path: Path, guest: PurePosixPath | None) -> str | None:
         return _read(path) if guest is None else _read_guest(layer, guest)
 
-    wanted: dict[_Where, tuple[str, int]] = {(config.source, None): (config_text, 0o644)}
+    wanted: dict[_Where, tuple[str, int, int]] = {(config.source, None): (config_text, 0o644, 0)}
     for file in rendering.host:
-        wanted[Path(file.path), None] = (file.text, file.mode)
+        wanted[Path(file.path), None] = (file.text, file.mode, file.owner)
     for file in rendering.guest:
-        wanted[layer.upper / file.path, file.path] = (file.text, file.mode)
+        wanted[layer.upper / file.path, file.path] = (file.text, file.mode, 0)
     # What an earlier configuration wrote that this one does not (a proxy, the idle
     # timer): judged by rendering the installed configuration, since the guest's own
     # files cannot be told apart from ours by looking at them.
@@ -134,7 +136,7 @@ def plan(paths: Paths, config: ContainerConfig, config_text: str) -> Plan:
     # guest: the user's, as long as the YAML (or nspawnctl) has nothing new for it.
     record = layer.written()
     changes, kept = [], []
-    for (path, guest), (text, mode) in wanted.items():
+    for (path, guest), (text, mode, owner) in wanted.items():
         if (old := read(path, guest)) == text:
             continue
         if (
@@ -146,7 +148,7 @@ def plan(paths: Paths, config: ContainerConfig, config_text: str) -> Plan:
         ):
             kept.append(guest)
             continue
-        changes.append(FileChange(path, old, text, mode, guest))
+        changes.append(FileChange(path, old, text, mode, owner, guest))
     changes += [
         FileChange(path, old, None, guest=guest)
         for path, guest in dict.fromkeys(stale)
@@ -207,11 +209,12 @@ def carry_out(systemd: Systemd, plan: Plan, *, restart: bool = True, verb: str =
                     else:
                         layer.write(change.guest, change.new, change.mode, plan.lower)
                     continue
-                transaction.step(Step("file", str(change.path), change.old, change.mode))
+                step = Step("file", str(change.path), change.old, change.mode, change.owner)
+                transaction.step(step)
                 if change.new is None:
                     remove_file(change.path)
                 else:
-                    write_atomic(change.path, change.new, change.mode)
+                    write_atomic(change.path, change.new, change.mode, change.owner)
             previous = _read(layer.record_file)
             if previous != plan.record:
                 transaction.step(Step("file", str(layer.record_file), previous, 0o600))
@@ -256,7 +259,7 @@ def _retired_keys(layer: Layer, installed: ContainerConfig) -> list[FileChange]:
     if old is None or not old.startswith(GENERATED_MARK):
         return []
     new = without_our_keys(old, installed.ssh.authorized_keys)
-    return [FileChange(layer.upper / _OLD_KEYS, old, new, 0o600, _OLD_KEYS)]
+    return [FileChange(layer.upper / _OLD_KEYS, old, new, 0o600, guest=_OLD_KEYS)]
 
 
 def _installed_config(paths: Paths, name: str) -> ContainerConfig | None:

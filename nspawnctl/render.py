@@ -29,7 +29,6 @@ QUIESCE_KILL_AFTER = 2
 
 # Guest files that must not be readable by everyone.
 _GUEST_MODES = {
-    "etc/ssh/nspawnctl/authorized_keys.root": 0o600,
     "usr/local/libexec/nspawnctl-idle": 0o755,
     "usr/local/libexec/nspawnctl-quiesce": 0o755,
 }
@@ -77,6 +76,7 @@ class RenderedFile:
     path: PurePosixPath  # absolute on the host, or relative to the container's root
     text: str
     mode: int = 0o644
+    owner: int = 0  # uid and gid on the host
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,20 @@ def host_targets(paths: Paths, name: str) -> dict[str, Path]:
         "container.mount.j2": paths.unit_dir / mount_unit(paths.machine_dir(name)),
         "container.lower.j2": paths.unit_dir / lower_unit(name),
         "container.gate.j2": paths.unit_dir / gate_unit(name),
+        "authorized_keys.j2": keys_dir(paths, name) / "authorized_keys.root",
     }
+
+
+def keys_dir(paths: Paths, name: str) -> Path:
+    """The YAML's SSH keys, on the host beside the container's layer, bound read-only
+    into the guest at /etc/ssh/nspawnctl: sshd reads them at each connection, so a key
+    added or taken away works at once, without a reboot, and the guest cannot change
+    them. Owned by the guest's root, as sshd's StrictModes wants."""
+    return Layer.of(paths, name).path / "ssh"
+
+
+# Host files owned by the guest's root, and not readable by everyone.
+_GUEST_OWNED = {"authorized_keys.j2": 0o600}
 
 
 @dataclass(frozen=True)
@@ -184,6 +197,7 @@ def render(config: ContainerConfig, paths: Paths, state: MachineState) -> Render
         # -I -S: no site-packages, so a cold start pays ~25 ms for Python, not ~100 ms.
         "idmap_command": f"{sys.executable} -I -S {IDMAP_SCRIPT}",
         "guest_journal": str(paths.journal_dir / state.machine_id),
+        "keys_dir": str(keys_dir(paths, name)),
         "directory": str(paths.machine_dir(name)),
         "socket_unit": socket_unit(name),
         "nspawn_file": str(host_targets(paths, name)["container.nspawn.j2"]),
@@ -214,7 +228,12 @@ def render(config: ContainerConfig, paths: Paths, state: MachineState) -> Render
     }
     units = _environment("units")
     host = tuple(
-        RenderedFile(PurePosixPath(target), units.get_template(template).render(context))
+        RenderedFile(
+            PurePosixPath(target),
+            units.get_template(template).render(context),
+            _GUEST_OWNED.get(template, 0o644),
+            state.uid_base if template in _GUEST_OWNED else 0,
+        )
         for template, target in host_targets(paths, name).items()
         if _WHEN.get(template, _always)(config)
     )

@@ -114,13 +114,20 @@ def test_a_key_added_in_the_guest_survives_an_unchanged_apply(host: TestHost) ->
     assert leader(host, "a") == running  # not even power-cycled
     assert login_with(host, SECOND_KEY, 2301) == "a"
     # The YAML's keys are the YAML's: one taken out of it stops working; the user's stays.
+    # sshd reads them at each connection: they change without a reboot.
     host.write_file(f"{FLEET}/a.yaml", yaml_for(2301).replace(CLIENT_KEY, SECOND_KEY))
+    dry = nspawnctl(host, "apply", "--dry-run", FLEET, check=False).stdout
+    assert "~ a: " in dry and "restart" not in dry
     nspawnctl(host, "apply", FLEET, check=False)
     assert login_with(host, CLIENT_KEY, 2301) is None
     assert login_with(host, SECOND_KEY, 2301) == "a"
     host.write_file(f"{FLEET}/a.yaml", yaml_for(2301))
     nspawnctl(host, "apply", FLEET, check=False)
     assert login_with(host, CLIENT_KEY, 2301) == "a"
+    assert leader(host, "a") == running
+    # The guest's root cannot change them: the host's file, bound read-only.
+    tried = ssh(host, 2301, "echo x >> /etc/ssh/nspawnctl/authorized_keys.root", check=False)
+    assert tried.returncode != 0 and "Read-only file system" in tried.stderr
 
 
 def test_a_file_changed_in_the_guest_is_kept_until_the_yaml_changes_it(host: TestHost) -> None:

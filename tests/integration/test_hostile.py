@@ -100,7 +100,7 @@ def test_machine_id_is_the_hosts_and_never_read_back(host: TestHost, canaries: s
     ("where", "link"),
     [
         # absolute: the host's path, seen from the host
-        ("/etc/ssh/nspawnctl", f"{CANARY}/ssh"),
+        ("/etc/ssh/sshd_config.d", f"{CANARY}/ssh"),
         ("/etc/systemd/system", f"{CANARY}/units"),
         ("/etc/hostname", f"../../../../../../..{CANARY}/secret"),  # relative, climbing
         ("/usr/local/libexec", f"{CANARY}/dir"),

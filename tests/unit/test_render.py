@@ -58,18 +58,19 @@ def test_guest_identity_and_access(rendering: Rendering, pubkey: Path) -> None:
     root = "/var/lib/machines/web"
     assert out[f"{root}/etc/hostname"] == "www\n"
     assert out[f"{root}/etc/machine-id"] == MACHINE_ID + "\n"
-    assert (
-        pubkey.read_text().strip()
-        in out[f"{root}/etc/ssh/nspawnctl/authorized_keys.root"].splitlines()
-    )
+    # The YAML's keys: the host's file beside the layer, bound read-only into the guest.
+    keys = next(f for f in rendering.host if f.path.name == "authorized_keys.root")
+    assert keys.path.parent.parent.name == "web" and keys.path.parent.name == "ssh"
+    assert pubkey.read_text().strip() in keys.text.splitlines()
+    assert (keys.mode, keys.owner) == (0o600, UID_BASE)  # sshd's StrictModes: the guest's root
+    service_conf = "/etc/systemd/system/systemd-nspawn@web.service.d/nspawnctl.conf"
+    assert f"--bind-ro={keys.path.parent}:/etc/ssh/nspawnctl" in out[service_conf]
     assert "PasswordAuthentication no" in out[f"{root}/etc/ssh/sshd_config.d/nspawnctl.conf"]
     # An empty unit file is a masked unit: the image's own sshd must not start.
     assert out[f"{root}/etc/systemd/system/ssh.service"] == ""  # Debian's name
     assert out[f"{root}/etc/systemd/system/sshd.service"] == ""  # Fedora's
     service = unit(out[f"{root}/etc/systemd/system/sshd@.service"])
     assert service["Service"]["RuntimeDirectory"] == "sshd"
-    modes = {str(f.path): f.mode for f in rendering.guest}
-    assert modes["etc/ssh/nspawnctl/authorized_keys.root"] == 0o600
 
 
 def test_service_drop_in_boots_this_machine(rendering: Rendering) -> None:
