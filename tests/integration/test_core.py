@@ -33,6 +33,12 @@ def wait_stopped(host: TestHost, name: str) -> None:
         timeout=60,
         what=f"systemd-nspawn@{name}.service inactive",
     )
+    # Then its root is unmounted (StopWhenUnneeded=yes): a `machinectl start` while that
+    # stop job runs is refused ("Transaction ... is destructive", seen under load).
+    mount = f"var-lib-machines-{name}.mount"
+    host.wait_for(
+        lambda: unit_state(host, mount)[0] == "inactive", timeout=60, what=f"{mount} inactive"
+    )
 
 
 def leftovers(host: TestHost, name: str) -> list[str]:
