@@ -90,8 +90,8 @@ class Plan:
 _LIVE_HOST_FILES = ("container.socket.j2", "container.network.j2", "authorized_keys.j2")
 
 # Guest files whose content is the host's fact, not the user's: put back by every apply
-# even when changed in the guest. nspawn names the journal directory it links into the
-# guest after the guest's /etc/machine-id.
+# even when changed in the guest. The guest's journald writes to the directory named by
+# its /etc/machine-id, and only the one named by the host's ID is bound from the host.
 _ALWAYS_PUT_BACK = frozenset({PurePosixPath("etc/machine-id")})
 
 # A file's host path, and for a guest's file its path relative to the layer's root.

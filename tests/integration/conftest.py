@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from subprocess import CompletedProcess
 
@@ -139,9 +139,14 @@ def squatter(host: TestHost, family: str, address: str, port: int) -> Iterator[N
 
 
 def nspawnctl(
-    host: TestHost, *args: str, check: bool = True, timeout: float = 120.0
+    host: TestHost,
+    *args: str,
+    check: bool = True,
+    timeout: float = 120.0,
+    env: Mapping[str, str] | None = None,
 ) -> CompletedProcess[str]:
-    return host.run([sys.executable, "-m", "nspawnctl", *args], check=check, timeout=timeout)
+    argv = [sys.executable, "-m", "nspawnctl", *args]
+    return host.run(argv, check=check, timeout=timeout, env=env)
 
 
 def ssh_argv(port: int, command: str) -> list[str]:

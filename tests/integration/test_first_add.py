@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import CLIENT_KEY, booted_host, cached_image, ssh
+from tests.integration.conftest import CLIENT_KEY, booted_host, cached_image, nspawnctl, ssh
 from tests.testhost import BASE_PATH, TestHost
 
 PORT = 2801
@@ -51,8 +51,7 @@ def test_the_first_add_builds_for_over_a_minute_and_works(
         "/etc/nspawnctl/first.yaml", YAML.format(archive=archive, port=PORT, key=CLIENT_KEY)
     )
     path = f"{SLOW_TOOLS}:{Path(sys.executable).parent}:{BASE_PATH}"
-    argv = [sys.executable, "-m", "nspawnctl", "add", "first"]
-    added = host.run(argv, env={"PATH": path}, check=False, timeout=400)
+    added = nspawnctl(host, "add", "first", check=False, timeout=400, env={"PATH": path})
     assert added.returncode == 0, added.stderr
     assert "building image template:first" in added.stderr
     assert ssh(host, PORT, "echo up").stdout.strip() == "up"
