@@ -524,7 +524,10 @@ class VM:
                 )
             self._channel.settimeout(left)
             with contextlib.suppress(TimeoutError):
-                chunk = self._channel.recv(65536)
+                try:
+                    chunk = self._channel.recv(65536)
+                except ConnectionResetError:  # qemu gone too, as at EOF: say what it said
+                    chunk = b""
                 if not chunk:
                     raise RuntimeError(
                         f"the VM went away during {argv}\n--- qemu:\n{self._qemu_log()}"
