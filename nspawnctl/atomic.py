@@ -26,3 +26,11 @@ def write_atomic(path: Path, text: str, mode: int = 0o644, owner: int = 0) -> No
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def same_text(path: Path, text: str) -> bool:
+    """Whether `path` holds exactly `text` (a missing or unreadable file does not)."""
+    try:
+        return path.read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):
+        return False

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from nspawnctl.atomic import write_atomic
+from nspawnctl.atomic import same_text, write_atomic
 from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig, check_conflicts, load_config
 from nspawnctl.errors import ConfigError, OperationError, UsageError
@@ -33,6 +33,7 @@ from nspawnctl.ports import check_host_ports, host_listeners
 from nspawnctl.render import MachineState, Rendering, host_targets, render
 from nspawnctl.run import run
 from nspawnctl.store import Image, ImageStore
+from nspawnctl.sysctl import raise_limits
 from nspawnctl.userns import (
     allocate,
     allocation_lock,
@@ -226,7 +227,7 @@ def add(
         # Each step is recorded before it is taken: an error takes them back here, a
         # kill -9 has the next nspawnctl take them back (intent.py).
         with Transaction(paths.intent_dir, "add", name, systemd) as change:
-            if not _same_text(config_path, config_text):
+            if not same_text(config_path, config_text):
                 previous = config_path.read_text() if config_path.exists() else None
                 change.step(Step("file", str(config_path), previous))
                 write_atomic(config_path, config_text)
@@ -246,6 +247,7 @@ def add(
             systemd.start(socket_unit(name))
         if config.network.gateway is not None:
             reload_networkd(systemd, config.name)
+    raise_limits(paths, containers=len(others) + 1)
     log.info(
         "added %s: %s listens on %s; the container boots on the first connection",
         name,
@@ -417,10 +419,3 @@ def stop_container(systemd: Systemd, name: str) -> None:
         # cleanly) only for a service that finished starting: let the boot finish.
         systemd.start(service)
     systemd.stop(service)
-
-
-def _same_text(path: Path, text: str) -> bool:
-    try:
-        return path.read_text() == text
-    except OSError:
-        return False

@@ -16,6 +16,7 @@ _LOCATIONS = (
     ("unit_dir", "NSPAWNCTL_UNIT_DIR", "/etc/systemd/system"),
     ("nspawn_dir", "NSPAWNCTL_NSPAWN_DIR", "/etc/systemd/nspawn"),
     ("network_dir", "NSPAWNCTL_NETWORK_DIR", "/etc/systemd/network"),
+    ("sysctl_dir", "NSPAWNCTL_SYSCTL_DIR", "/etc/sysctl.d"),
     ("state_dir", "NSPAWNCTL_STATE_DIR", "/var/lib/nspawnctl"),
     ("journal_dir", "NSPAWNCTL_JOURNAL_DIR", "/var/log/journal"),
 )
@@ -28,6 +29,7 @@ class Paths:
     unit_dir: Path
     nspawn_dir: Path
     network_dir: Path
+    sysctl_dir: Path
     state_dir: Path
     journal_dir: Path
 
