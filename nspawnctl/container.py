@@ -11,7 +11,8 @@ from pathlib import Path
 
 from nspawnctl.atomic import same_text, write_atomic
 from nspawnctl.bus import Systemd
-from nspawnctl.config import ContainerConfig, check_conflicts, load_config
+from nspawnctl.config import ContainerConfig, load_config
+from nspawnctl.conflicts import check_conflicts, check_host_ports, host_listeners
 from nspawnctl.errors import ConfigError, OperationError, UsageError
 from nspawnctl.faults import checkpoint
 from nspawnctl.guesttree import remove_tree
@@ -29,7 +30,6 @@ from nspawnctl.layers import (
 from nspawnctl.log import log
 from nspawnctl.names import gate_unit, lower_unit, mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
-from nspawnctl.ports import check_host_ports, host_listeners
 from nspawnctl.render import MachineState, Rendering, host_targets, render
 from nspawnctl.run import run
 from nspawnctl.store import Image, ImageStore

@@ -10,7 +10,8 @@ from pathlib import Path, PurePosixPath
 
 from nspawnctl.atomic import write_atomic
 from nspawnctl.bus import Systemd
-from nspawnctl.config import ContainerConfig, check_conflicts, load_config
+from nspawnctl.config import ContainerConfig, load_config
+from nspawnctl.conflicts import check_conflicts, check_host_ports, host_listeners
 from nspawnctl.container import (
     image_version,
     load_all,
@@ -27,7 +28,6 @@ from nspawnctl.layers import Layer, digest, record_text
 from nspawnctl.log import log
 from nspawnctl.names import mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
-from nspawnctl.ports import check_host_ports, host_listeners
 from nspawnctl.render import GENERATED_MARK, host_targets
 from nspawnctl.store import ImageStore
 

@@ -5,13 +5,8 @@ from typing import Any
 
 import pytest
 
-from nspawnctl.config import (
-    ContainerConfig,
-    check_conflicts,
-    dump_config,
-    load_yaml,
-    parse_config,
-)
+from nspawnctl.config import ContainerConfig, dump_config, load_yaml, parse_config
+from nspawnctl.conflicts import check_conflicts
 from nspawnctl.errors import ConfigError
 
 FILE = Path("/etc/nspawnctl/web.yaml")

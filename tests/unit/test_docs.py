@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from nspawnctl import cli, config, paths
+from nspawnctl import cli, config, paths, pubkeys
 
 MAN_DIR = Path(__file__).resolve().parents[2] / "man"
 PAGE_1 = MAN_DIR / "nspawnctl.1"
@@ -257,7 +257,7 @@ def test_every_planned_key_is_listed(key: str) -> None:
     assert mentions(text, key), f"nspawnctl.yaml.5: {key} is not under PLANNED KEYS"
 
 
-@pytest.mark.parametrize("key_type", config.KEY_TYPES)
+@pytest.mark.parametrize("key_type", pubkeys.KEY_TYPES)
 def test_every_public_key_type_is_listed(key_type: str) -> None:
     text = "\n".join(filter(None, map(text_line, section(PAGE_5, "KEYS"))))
     assert mentions(text, key_type), f"nspawnctl.yaml.5: key type {key_type} is not listed"

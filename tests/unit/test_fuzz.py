@@ -28,7 +28,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from nspawnctl import cli, config, container
+from nspawnctl import cli, config, container, pubkeys, yamlfile
 from nspawnctl.errors import ConfigError
 from nspawnctl.install import systemd_verify, verify_units
 from nspawnctl.layers import Layer
@@ -152,7 +152,7 @@ unit_stems = _word(_ALNUM, _ALNUM + ":_.-", 30)
 ports = st.integers(1, 65535)
 key_lines = st.builds(
     lambda kind, body, comment: f"{kind} {body} {comment}".strip(),
-    st.sampled_from(config.KEY_TYPES),
+    st.sampled_from(pubkeys.KEY_TYPES),
     st.binary(min_size=16, max_size=60).map(lambda b: base64.b64encode(b).decode()),
     st.text(string.ascii_letters + string.digits + "@.-_ ", max_size=20),
 )
@@ -897,7 +897,9 @@ SSH = f"ssh: {{listen: 22, authorized_keys: ['{KEY}']}}\n"
         # (libyaml's parser does not recurse: the document is then just not a mapping)
         pytest.param(
             "[" * 2000 + "]" * 2000,
-            "nested too deeply" if config._SafeLoader is yaml.SafeLoader else "expected a mapping",
+            "nested too deeply"
+            if yamlfile._SafeLoader is yaml.SafeLoader
+            else "expected a mapping",
             id="deep-nesting",
         ),
         pytest.param(

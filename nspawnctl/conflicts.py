@@ -1,9 +1,11 @@
-"""What already listens on the host, so that `add` can refuse a port before it tries."""
+"""Addresses two parties want: another container's, or what already listens on the host.
+`add` and `apply` refuse them before they write anything."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nspawnctl.config import ContainerConfig
@@ -65,3 +67,33 @@ def check_host_ports(config: ContainerConfig, listeners: list[Listener]) -> None
                     f"{listener.holder} ({listener.listen})",
                     hint="choose another port, or stop what holds it",
                 )
+
+
+def check_conflicts(config: ContainerConfig, others: Sequence[ContainerConfig]) -> None:
+    """Refuse a listen address or a static address that another container already uses."""
+    for other in others:
+        if (
+            other.name != config.name
+            and config.network.address
+            and (config.network.address.ip == (other.network.address and other.network.address.ip))
+        ):
+            raise ConfigError(
+                config.source,
+                "network.address",
+                f"{config.network.address.ip} is already the address of container "
+                f"'{other.name}' ({other.source})",
+                hint="choose another address",
+            )
+    for key, listen in config.listens():
+        for other in others:
+            if other.name == config.name:
+                continue
+            for other_key, other_listen in other.listens():
+                if listen.overlaps(other_listen):
+                    raise ConfigError(
+                        config.source,
+                        key,
+                        f"port {listen.port} is already used by container '{other.name}' "
+                        f"({other.source}: {other_key}: {other_listen})",
+                        hint="choose another port, or a different address for each",
+                    )
