@@ -171,6 +171,15 @@ def _authorized_keys(section: Section, name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
+def _banner(section: Section, name: str) -> str:
+    text: str = section.take(name, str)
+    # Shown by the client before the login: lines of text, and never a terminal's
+    # control sequence (OpenSSH's client filters them; others may not).
+    if len(text) > 4096 or any(not (c.isprintable() or c in "\n\t") for c in text):
+        section.fail(name, "is not lines of printable text of at most 4096 characters")
+    return text
+
+
 @dataclass(frozen=True)
 class SshConfig:
     listen: Listen = key(_listen, dump=Listen.yaml_value)
@@ -181,6 +190,8 @@ class SshConfig:
     max_connections: int = key(
         integer(1, 65535, hint="how many SSH connections at once, e.g. 256"), default=256
     )
+    # Text a client shows before the login (sshd's Banner).
+    banner: str | None = key(_banner, default=None)
 
 
 def _socket_listen(section: Section, _name: str) -> Listen:

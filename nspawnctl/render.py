@@ -181,6 +181,7 @@ def render(config: ContainerConfig, paths: Paths, state: MachineState) -> Render
         )
     context = {
         "header": f"{GENERATED_MARK}{config.source}; edit that file, not this one.",
+        "config": config,
         "name": name,
         "source": str(config.source),
         "hostname": config.hostname,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import CLIENT_KEY, booted_host, nspawnctl, ssh
+from tests.integration.conftest import CLIENT_KEY, booted_host, nspawnctl, ssh, ssh_argv
 from tests.testhost import TestHost
 
 PORT = 2801
@@ -82,3 +82,19 @@ def test_rsync_both_ways(host: TestHost) -> None:
     same = host.run(["diff", "-r", "--no-dereference", "/root/src", "/root/back"], check=False)
     assert same.returncode == 0, same.stdout
     assert ssh(host, PORT, "readlink /root/dst/link").stdout.strip() == "file"
+
+
+def test_a_banner_of_the_yaml_is_shown_before_the_login(host: TestHost) -> None:
+    """ssh.banner: none by default, then the YAML's lines, as OpenSSH's client shows a
+    pre-authentication banner (at LogLevel INFO, its default)."""
+    argv = ssh_argv(PORT, "true")
+    argv[argv.index("LogLevel=ERROR")] = "LogLevel=INFO"
+    assert "authorized use only" not in host.run(argv, timeout=120).stderr
+    host.write_file(
+        "/etc/nspawnctl/box.yaml",
+        f"ssh:\n  listen: {PORT}\n  authorized_keys: [{CLIENT_KEY}.pub]\n"
+        "  banner: |\n    box: authorized use only.\n    Second line.\n",
+    )
+    nspawnctl(host, "apply")
+    shown = host.run(argv, timeout=120).stderr
+    assert "box: authorized use only.\nSecond line.\n" in shown, shown
