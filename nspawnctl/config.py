@@ -572,6 +572,17 @@ def load_config(name: str, file: Path) -> ContainerConfig:
     return parse_config(name, load_yaml(text, file), file)
 
 
+def kept_as(config: ContainerConfig, text: str, config_path: Path) -> tuple[ContainerConfig, str]:
+    """A file given with -f is copied as it is, unless it names key files relative to
+    its own directory: then its normalised form (keys inline) is kept instead."""
+    moved = dataclasses.replace(config, source=config_path)
+    try:
+        same = parse_config(config.name, load_yaml(text, config_path), config_path) == moved
+    except ConfigError:
+        same = False
+    return moved, text if same else dump_config(moved)
+
+
 def dump_config(config: ContainerConfig) -> str:
     """The YAML that `add` writes for a container given on the command line."""
     return yaml.safe_dump(dump_mapping(config), sort_keys=False, width=1000)

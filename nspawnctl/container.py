@@ -81,6 +81,11 @@ def is_installed(paths: Paths, name: str) -> bool:
     return any(is_ours(p) for p in host_targets(paths, name).values())
 
 
+def require_installed(paths: Paths, name: str) -> None:
+    if not is_installed(paths, name):
+        raise UsageError(f"no container {name!r}", hint="see `nspawnctl list`")
+
+
 def users_of(paths: Paths, image: Image) -> list[ContainerConfig]:
     configs, _broken = load_all(paths)
     return [c for c in configs if c.image.key == image.key]

@@ -7,9 +7,16 @@ import dataclasses
 from pathlib import Path
 
 from nspawnctl import container
-from nspawnctl.config import ContainerConfig, dump_config, load_config, load_yaml, parse_config
+from nspawnctl.commands import add_name
+from nspawnctl.config import (
+    ContainerConfig,
+    dump_config,
+    kept_as,
+    load_config,
+    load_yaml,
+    parse_config,
+)
 from nspawnctl.errors import ConfigError, UsageError
-from nspawnctl.names import machine_name
 from nspawnctl.paths import Paths
 
 
@@ -19,7 +26,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ("render", run_render, "print every file `add` would write, touching nothing"),
     ):
         p = sub.add_parser(verb, help=help_text, description=help_text)
-        p.add_argument("name", metavar="NAME", type=machine_name)
+        add_name(p)
         p.add_argument(
             "-f",
             "--file",
@@ -98,17 +105,6 @@ def _as_option_error(err: ConfigError) -> UsageError:
     option = next((o for k, o in _OPTION_OF_KEY.items() if err.key.startswith(k)), err.key)
     hint = f"give {option}" if err.problem == "is required" else err.hint
     return UsageError(f"{option}: {err.problem}", hint=hint)
-
-
-def kept_as(config: ContainerConfig, text: str, config_path: Path) -> tuple[ContainerConfig, str]:
-    """A file given with -f is copied as it is, unless it names key files relative to
-    its own directory: then its normalised form (keys inline) is kept instead."""
-    moved = dataclasses.replace(config, source=config_path)
-    try:
-        same = parse_config(config.name, load_yaml(text, config_path), config_path) == moved
-    except ConfigError:
-        same = False
-    return moved, text if same else dump_config(moved)
 
 
 def run_add(args: argparse.Namespace, paths: Paths) -> int:

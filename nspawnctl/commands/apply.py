@@ -9,8 +9,7 @@ from pathlib import Path
 
 from nspawnctl import container, reconcile
 from nspawnctl.bus import Systemd
-from nspawnctl.commands.add import kept_as
-from nspawnctl.config import ContainerConfig, load_yaml, parse_config
+from nspawnctl.config import ContainerConfig, kept_as, load_yaml, parse_config
 from nspawnctl.errors import ConfigError, NspawnctlError, UsageError, from_unexpected
 from nspawnctl.install import is_ours
 from nspawnctl.names import check_machine_name

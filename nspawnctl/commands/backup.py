@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 
 from nspawnctl import backup, export
+from nspawnctl.commands import add_name
 from nspawnctl.errors import UsageError
 from nspawnctl.guesttree import disk_usage
 from nspawnctl.log import log
-from nspawnctl.names import machine_name
 from nspawnctl.paths import Paths
 
 _HELP = {
@@ -24,17 +24,17 @@ _FORCE = "copy it even while it runs (files it writes meanwhile may be torn)"
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parsers = {v: sub.add_parser(v, help=h, description=h) for v, h in _HELP.items()}
     p = parsers["snapshot"]
-    p.add_argument("name", metavar="NAME", type=machine_name)
+    add_name(p)
     p.add_argument("snapshot", metavar="SNAP", nargs="?", help="default: the date and time")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--list", action="store_true", help="list NAME's snapshots")
     mode.add_argument("--remove", action="store_true", help="delete NAME's snapshot SNAP")
     p.add_argument("--force", action="store_true", help=_FORCE)
     p = parsers["rollback"]
-    p.add_argument("name", metavar="NAME", type=machine_name)
+    add_name(p)
     p.add_argument("snapshot", metavar="SNAP")
     p = parsers["export"]
-    p.add_argument("name", metavar="NAME", type=machine_name)
+    add_name(p)
     p.add_argument(
         "file", metavar="FILE", type=Path, help="compressed as its suffix says: .tar, .tar.zst..."
     )
@@ -44,9 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--force", action="store_true", help=_FORCE)
     p = parsers["import"]
     p.add_argument("file", metavar="FILE", type=Path)
-    p.add_argument(
-        "name", metavar="NAME", nargs="?", type=machine_name, help="default: the exported name"
-    )
+    add_name(p, nargs="?", help="default: the exported name")
     for verb, parser in parsers.items():
         parser.set_defaults(handler=globals()[f"run_{verb}"])
 

@@ -7,10 +7,11 @@ import os
 import sys
 import threading
 
+from nspawnctl.commands import add_name
 from nspawnctl.errors import UsageError
 from nspawnctl.fleet import DEFAULT_JOBS, Outcome, booted_leader, guest_command, run_in_each, select
 from nspawnctl.log import log
-from nspawnctl.names import check_machine_name, machine_name
+from nspawnctl.names import check_machine_name
 from nspawnctl.paths import Paths
 from nspawnctl.run import StreamName, run_interactive, run_relayed
 from nspawnctl.screen import shown
@@ -45,7 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=run_exec)
     help_text = "an interactive root shell in a container (booting it if needed)"
     p = sub.add_parser("shell", help=help_text, description=help_text)
-    p.add_argument("name", metavar="NAME", type=machine_name)
+    add_name(p)
     p.set_defaults(handler=run_shell)
 
 

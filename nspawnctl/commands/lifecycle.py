@@ -6,10 +6,10 @@ import argparse
 from collections.abc import Callable
 
 from nspawnctl.bus import Systemd
-from nspawnctl.container import is_installed, stop_container, units_of
-from nspawnctl.errors import UsageError
+from nspawnctl.commands import add_name
+from nspawnctl.container import require_installed, stop_container, units_of
 from nspawnctl.log import log
-from nspawnctl.names import machine_name, mount_unit, service_unit, socket_unit
+from nspawnctl.names import mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
 
 Action = Callable[[Systemd, str, Paths], None]
@@ -66,7 +66,7 @@ _VERBS: dict[str, tuple[Action, str, str]] = {
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for verb, (_action, help_text, _done) in _VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
-        p.add_argument("name", metavar="NAME", type=machine_name)
+        add_name(p)
         p.set_defaults(handler=run)
 
 
@@ -77,8 +77,3 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
         action(systemd, args.name, paths)
     log.info("%s %s", done, args.name)
     return 0
-
-
-def require_installed(paths: Paths, name: str) -> None:
-    if not is_installed(paths, name):
-        raise UsageError(f"no container {name!r}", hint="see `nspawnctl list`")

@@ -13,8 +13,8 @@ import socket
 import sys
 
 from nspawnctl import journal
-from nspawnctl.commands.lifecycle import require_installed
-from nspawnctl.container import config_names, machine_id, units_of
+from nspawnctl.commands import add_name
+from nspawnctl.container import config_names, machine_id, require_installed, units_of
 from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.journal import HOST, Entry, Problems, Source
 from nspawnctl.names import machine_name, service_unit
@@ -34,7 +34,7 @@ def _lines(text: str) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_text = "show a container's journal, or with --all every journal merged with the host's"
     p = sub.add_parser("logs", help=help_text, description=help_text)
-    p.add_argument("name", metavar="NAME", type=machine_name, nargs="?")
+    add_name(p, nargs="?")
     p.add_argument("--all", action="store_true", help="every container merged with the host")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
     p.add_argument("-n", "--lines", type=_lines, metavar="N", help="show the last N entries")

@@ -3,14 +3,14 @@ from __future__ import annotations
 import argparse
 
 from nspawnctl import container
-from nspawnctl.names import machine_name
+from nspawnctl.commands import add_name
 from nspawnctl.paths import Paths
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_text = "stop a container and delete its units, layer and configuration"
     p = sub.add_parser("remove", help=help_text, description=help_text)
-    p.add_argument("name", metavar="NAME", type=machine_name)
+    add_name(p)
     p.add_argument(
         "--keep-rootfs",
         action="store_true",

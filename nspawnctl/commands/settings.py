@@ -11,12 +11,12 @@ import yaml
 
 from nspawnctl import reconcile
 from nspawnctl.bus import Systemd
-from nspawnctl.commands.lifecycle import require_installed
+from nspawnctl.commands import add_name
 from nspawnctl.config import load_yaml, parse_config
-from nspawnctl.container import is_running
+from nspawnctl.container import is_running, require_installed
 from nspawnctl.errors import ConfigError, OperationError, UsageError
 from nspawnctl.log import log
-from nspawnctl.names import machine_name, service_unit
+from nspawnctl.names import service_unit
 from nspawnctl.paths import Paths
 from nspawnctl.resources import KEYS, Resources
 
@@ -27,7 +27,7 @@ RUNTIME_CONTROL_DIR = Path("/run/systemd/system.control")
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_text = "change resource limits (resources.KEY=VALUE) of a container, live"
     p = sub.add_parser("set", help=help_text, description=help_text)
-    p.add_argument("name", metavar="NAME", type=machine_name)
+    add_name(p)
     p.add_argument(
         "assignments",
         nargs="+",

@@ -9,14 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 from nspawnctl.bus import Systemd, UnitState, text
-from nspawnctl.commands.lifecycle import require_installed
+from nspawnctl.commands import add_name
 from nspawnctl.config import ContainerConfig, load_config
-from nspawnctl.container import load_all, units_of
+from nspawnctl.container import load_all, require_installed, units_of
 from nspawnctl.errors import ConfigError
 from nspawnctl.guesttree import disk_usage
 from nspawnctl.layers import Layer, mounted_lower
 from nspawnctl.log import log
-from nspawnctl.names import machine_name, service_unit, socket_unit
+from nspawnctl.names import service_unit, socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.resources import KEYS as RESOURCE_KEYS
 from nspawnctl.screen import shown
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=run_list)
     help_text = "socket, container, machine, addresses, memory and uptime of a container"
     p = sub.add_parser("status", help=help_text, description=help_text)
-    p.add_argument("name", metavar="NAME", type=machine_name)
+    add_name(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=run_status)
 
