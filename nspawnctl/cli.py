@@ -21,11 +21,9 @@ from nspawnctl.commands import (
     show,
     which,
 )
-from nspawnctl.errors import NspawnctlError, from_os_error
+from nspawnctl.errors import Exit, NspawnctlError, from_os_error
 from nspawnctl.log import log, setup
 from nspawnctl.paths import Paths, environment_variables
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # Verbs that touch nothing on the host, not even to settle an interrupted change.
 _PURE_VERBS = frozenset({"render"})
@@ -39,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
         # argparse's own errors follow our one-line format and exit code.
         self.print_usage(sys.stderr)
         print(f"nspawnctl: error: {message}\nhint: see `{self.prog} --help`", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        sys.exit(Exit.USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         print("nspawnctl: interrupted", file=sys.stderr)
-        return 130
+        return Exit.INTERRUPTED
     except OSError as err:
         # A file nspawnctl could not read or write: say which, not where in the code.
         if args.debug:
@@ -105,10 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nspawnctl: error: {error.message}", file=sys.stderr)
         if error.hint:
             print(f"hint: {error.hint}", file=sys.stderr)
-        return EXIT_FAILED
+        return Exit.FAILED
     except Exception as err:  # a bug: one line, the traceback with --debug
         if args.debug:
             raise
         print(f"nspawnctl: error: internal error: {type(err).__name__}: {err}", file=sys.stderr)
         print("hint: run again with --debug for the traceback, and report it", file=sys.stderr)
-        return EXIT_FAILED
+        return Exit.FAILED

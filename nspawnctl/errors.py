@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import errno
 import os
+from enum import IntEnum
 from pathlib import Path
 from typing import ClassVar
+
+
+class Exit(IntEnum):
+    """nspawnctl's exit statuses (nspawnctl(1), EXIT STATUS): every verb returns one."""
+
+    OK = 0
+    FAILED = 1  # the operation failed; a fleet verb: it failed in some container
+    USAGE = 2  # the command line or a configuration is wrong
+    INTERRUPTED = 130  # as a shell reports SIGINT
 
 
 class NspawnctlError(Exception):
     """An error the user can act on: one line of message, optionally a hint."""
 
-    exit_code: ClassVar[int] = 1
+    exit_code: ClassVar[Exit] = Exit.FAILED
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -26,13 +36,13 @@ class OperationError(NspawnctlError):
 class UsageError(NspawnctlError):
     """The command line asks for something impossible (exit 2)."""
 
-    exit_code = 2
+    exit_code = Exit.USAGE
 
 
 class ConfigError(NspawnctlError):
     """A configuration file is wrong; names the file, the key path and the bad value (exit 2)."""
 
-    exit_code = 2
+    exit_code = Exit.USAGE
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ from nspawnctl.config import (
     load_yaml,
     parse_config,
 )
-from nspawnctl.errors import ConfigError, UsageError
+from nspawnctl.errors import ConfigError, Exit, UsageError
 from nspawnctl.paths import Paths
 
 
@@ -110,7 +110,7 @@ def _as_option_error(err: ConfigError) -> UsageError:
 def run_add(args: argparse.Namespace, paths: Paths) -> int:
     config, text = resolve(args, paths)
     container.add(paths, config, text)
-    return 0
+    return Exit.OK
 
 
 def run_render(args: argparse.Namespace, paths: Paths) -> int:
@@ -120,4 +120,4 @@ def run_render(args: argparse.Namespace, paths: Paths) -> int:
         print(f"# {file.path}")
         print(file.text, end="" if file.text.endswith("\n") or not file.text else "\n")
         print()
-    return 0
+    return Exit.OK

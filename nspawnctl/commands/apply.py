@@ -10,7 +10,7 @@ from pathlib import Path
 from nspawnctl import container, reconcile
 from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig, kept_as, load_yaml, parse_config
-from nspawnctl.errors import ConfigError, NspawnctlError, UsageError, from_unexpected
+from nspawnctl.errors import ConfigError, Exit, NspawnctlError, UsageError, from_unexpected
 from nspawnctl.install import is_ours
 from nspawnctl.names import check_machine_name
 from nspawnctl.paths import Paths
@@ -116,8 +116,9 @@ def run_apply(args: argparse.Namespace, paths: Paths) -> int:
             _report(name, from_unexpected(err), tally.failed)
     print(tally.summary(args.dry_run))
     if tally.failed:
-        return 1
-    return 2 if tally.broken else 0
+        return Exit.FAILED
+    # A YAML that could not be read: nothing was tried for it.
+    return Exit.USAGE if tally.broken else Exit.OK
 
 
 def _apply_one(

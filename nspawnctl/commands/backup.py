@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nspawnctl import backup, export
 from nspawnctl.commands import add_name
-from nspawnctl.errors import UsageError
+from nspawnctl.errors import Exit, UsageError
 from nspawnctl.guesttree import disk_usage
 from nspawnctl.log import log
 from nspawnctl.paths import Paths
@@ -45,8 +45,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = parsers["import"]
     p.add_argument("file", metavar="FILE", type=Path)
     add_name(p, nargs="?", help="default: the exported name")
+    handlers = {
+        "snapshot": run_snapshot,
+        "rollback": run_rollback,
+        "export": run_export,
+        "import": run_import,
+    }
     for verb, parser in parsers.items():
-        parser.set_defaults(handler=globals()[f"run_{verb}"])
+        parser.set_defaults(handler=handlers[verb])
 
 
 def run_snapshot(args: argparse.Namespace, paths: Paths) -> int:
@@ -75,7 +81,7 @@ def run_snapshot(args: argparse.Namespace, paths: Paths) -> int:
             snap.path,
         )
         print(snap.name)
-    return 0
+    return Exit.OK
 
 
 def _print_list(paths: Paths, name: str) -> None:
@@ -105,7 +111,7 @@ def run_rollback(args: argparse.Namespace, paths: Paths) -> int:
     log.info(
         "%s is back as in snapshot %s, on image version %s", args.name, args.snapshot, lower.name
     )
-    return 0
+    return Exit.OK
 
 
 def run_export(args: argparse.Namespace, paths: Paths) -> int:
@@ -114,7 +120,7 @@ def run_export(args: argparse.Namespace, paths: Paths) -> int:
     what = "whole tree" if args.full else "layer"
     live = " (taken while it ran)" if manifest.live else ""
     log.info("exported %s's %s and YAML%s to %s", args.name, what, live, target)
-    return 0
+    return Exit.OK
 
 
 def run_import(args: argparse.Namespace, paths: Paths) -> int:
@@ -124,4 +130,4 @@ def run_import(args: argparse.Namespace, paths: Paths) -> int:
         log.info("%s runs on the new template %s made of the tree", name, done.config.image.image)
     elif done.new_identity:
         log.info("%s has a new machine-id and SSH host key: the exported ones are in use", name)
-    return 0
+    return Exit.OK

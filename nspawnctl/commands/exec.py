@@ -8,7 +8,7 @@ import sys
 import threading
 
 from nspawnctl.commands import add_name
-from nspawnctl.errors import UsageError
+from nspawnctl.errors import Exit, UsageError
 from nspawnctl.fleet import DEFAULT_JOBS, Outcome, booted_leader, guest_command, run_in_each, select
 from nspawnctl.log import log
 from nspawnctl.names import check_machine_name
@@ -112,7 +112,7 @@ def _run_fleet(args: argparse.Namespace, paths: Paths, names: list[str], command
     targets, skipped = select(paths, None if args.all else names)
     if not targets and not skipped:
         log.info("no containers: nothing to run")
-        return 0
+        return Exit.OK
     outcomes = run_in_each(
         paths,
         targets,
@@ -157,7 +157,7 @@ def _summarise(outcomes: list[Outcome]) -> int:
         )
     if booted:
         log.info("booted for it and powered off again: %s", ", ".join(booted))
-    return 1 if failed else 0
+    return Exit.FAILED if failed else Exit.OK
 
 
 def _failure(outcome: Outcome) -> str:

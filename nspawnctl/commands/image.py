@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nspawnctl.bootstrap import tar
 from nspawnctl.container import merged_view, users_of
-from nspawnctl.errors import OperationError, UsageError
+from nspawnctl.errors import Exit, OperationError, UsageError
 from nspawnctl.guesttree import disk_usage
 from nspawnctl.log import log
 from nspawnctl.names import machine_name
@@ -64,8 +64,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "file", metavar="FILE", type=Path, help="a .tar[.gz|.xz|.zst] archive or a directory"
     )
     parsers["import"].add_argument("name", metavar="NAME", help="the new image is template:NAME")
+    handlers = {
+        "build": run_build,
+        "list": run_list,
+        "update": run_update,
+        "remove": run_remove,
+        "export": run_export,
+        "import": run_import,
+    }
     for verb, parser in parsers.items():
-        parser.set_defaults(handler=globals()[f"run_{verb}"])
+        parser.set_defaults(handler=handlers[verb])
 
 
 def _recipe(value: str) -> Recipe:
@@ -90,7 +98,7 @@ def run_build(args: argparse.Namespace, paths: Paths) -> int:
             source = Recipe(method="directory", name=recipe.name, source=f"container {args.source}")
             image = _store(paths).import_tree(source, tree)
     print(image.path)
-    return 0
+    return Exit.OK
 
 
 def run_list(args: argparse.Namespace, paths: Paths) -> int:
@@ -104,7 +112,7 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    return 0
+    return Exit.OK
 
 
 def _chosen(args: argparse.Namespace, paths: Paths) -> list[Image]:
@@ -122,7 +130,7 @@ def run_update(args: argparse.Namespace, paths: Paths) -> int:
     for image in _chosen(args, paths):
         log.info("updating %s (%s)", image.key, image.recipe.describe())
         _update(args, paths, image)
-    return 0
+    return Exit.OK
 
 
 def _update(args: argparse.Namespace, paths: Paths, image: Image) -> None:
@@ -162,7 +170,7 @@ def run_remove(args: argparse.Namespace, paths: Paths) -> int:
     for image in images:
         _store(paths).remove(image)
         log.info("removed image %s (%s)", image.recipe.image, image.key)
-    return 0
+    return Exit.OK
 
 
 def run_export(args: argparse.Namespace, paths: Paths) -> int:
@@ -170,7 +178,7 @@ def run_export(args: argparse.Namespace, paths: Paths) -> int:
     target: Path = args.file.absolute()
     tar.create(target, [(image.current, ["."])])
     log.info("exported %s (%s) to %s", image.recipe.image, image.current.name, target)
-    return 0
+    return Exit.OK
 
 
 def run_import(args: argparse.Namespace, paths: Paths) -> int:
@@ -186,4 +194,4 @@ def run_import(args: argparse.Namespace, paths: Paths) -> int:
     method = "directory" if source.is_dir() else "tar"
     image = _store(paths).ensure(Recipe(method=method, name=recipe.name, source=str(source)))
     print(image.path)
-    return 0
+    return Exit.OK

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from nspawnctl.bus import Systemd
 from nspawnctl.commands import add_name
 from nspawnctl.container import require_installed, stop_container, units_of
+from nspawnctl.errors import Exit
 from nspawnctl.log import log
 from nspawnctl.names import mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
@@ -76,4 +77,4 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
     with Systemd.connect() as systemd:
         action(systemd, args.name, paths)
     log.info("%s %s", done, args.name)
-    return 0
+    return Exit.OK

@@ -15,7 +15,7 @@ import sys
 from nspawnctl import journal
 from nspawnctl.commands import add_name
 from nspawnctl.container import config_names, machine_id, require_installed, units_of
-from nspawnctl.errors import OperationError, UsageError
+from nspawnctl.errors import Exit, OperationError, UsageError
 from nspawnctl.journal import HOST, Entry, Problems, Source
 from nspawnctl.names import machine_name, service_unit
 from nspawnctl.paths import Paths
@@ -114,5 +114,5 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
         # on the final flush of stdout.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    return 1 if problems.failed else 0
+        return Exit.OK
+    return Exit.FAILED if problems.failed else Exit.OK

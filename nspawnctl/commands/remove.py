@@ -4,6 +4,7 @@ import argparse
 
 from nspawnctl import container
 from nspawnctl.commands import add_name
+from nspawnctl.errors import Exit
 from nspawnctl.paths import Paths
 
 
@@ -21,4 +22,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace, paths: Paths) -> int:
     container.remove(paths, args.name, keep_rootfs=args.keep_rootfs)
-    return 0
+    return Exit.OK

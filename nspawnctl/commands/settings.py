@@ -14,7 +14,7 @@ from nspawnctl.bus import Systemd
 from nspawnctl.commands import add_name
 from nspawnctl.config import load_yaml, parse_config
 from nspawnctl.container import is_running, require_installed
-from nspawnctl.errors import ConfigError, OperationError, UsageError
+from nspawnctl.errors import ConfigError, Exit, OperationError, UsageError
 from nspawnctl.log import log
 from nspawnctl.names import service_unit
 from nspawnctl.paths import Paths
@@ -80,7 +80,7 @@ def run_set(args: argparse.Namespace, paths: Paths) -> int:
     for key in changes:
         value = dict(config.resources.yaml_data()).get(key, "(no limit)")
         log.info("%s: resources.%s=%s%s", name, key, value, " (live)" if live else "")
-    return 0
+    return Exit.OK
 
 
 def _set_live(systemd: Systemd, name: str, new: Resources, old: Resources, keys: set[str]) -> None:

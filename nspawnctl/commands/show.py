@@ -12,7 +12,7 @@ from nspawnctl.bus import Systemd, UnitState, text
 from nspawnctl.commands import add_name
 from nspawnctl.config import ContainerConfig, load_config
 from nspawnctl.container import load_all, require_installed, units_of
-from nspawnctl.errors import ConfigError
+from nspawnctl.errors import ConfigError, Exit
 from nspawnctl.guesttree import disk_usage
 from nspawnctl.layers import Layer, mounted_lower
 from nspawnctl.log import log
@@ -87,7 +87,7 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
     ]
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 1 if errors else 0
+        return Exit.FAILED if errors else Exit.OK
     table = [["NAME", "SOCKET", "CONTAINER", "LISTEN", "ADDRESS", "IMAGE"]]
     table += [
         [
@@ -105,7 +105,7 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 1 if errors else 0
+    return Exit.FAILED if errors else Exit.OK
 
 
 def status(paths: Paths, name: str) -> dict[str, Any]:
@@ -185,7 +185,7 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
     info = status(paths, args.name)
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
+        return Exit.OK
     machine = info["machine"]
     lines = [
         ("config", info["config"]),
@@ -233,7 +233,7 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
             f"  {'':<11}try again: nspawnctl start {args.name}; "
             f"why: journalctl -u {service_unit(args.name)}"
         )
-    return 0
+    return Exit.OK
 
 
 def _limits(limits: dict[str, int]) -> str:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from nspawnctl.bus import Systemd
-from nspawnctl.errors import OperationError, UsageError
+from nspawnctl.errors import Exit, OperationError, UsageError
 from nspawnctl.paths import Paths
 from nspawnctl.screen import shown
 
@@ -29,7 +29,7 @@ def run_which(args: argparse.Namespace, paths: Paths) -> int:
     # machined's name for it, as text: a machine nspawnctl did not register is named by
     # whoever did.
     print(shown(container_of(args.pid)))
-    return 0
+    return Exit.OK
 
 
 def container_of(pid: int) -> str:
