@@ -12,7 +12,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from pystemd.dbusexc import DBusBaseError
+from pystemd.dbusexc import (
+    DBusAccessDeniedError,
+    DBusBaseError,
+    DBusInteractiveAuthorizationRequiredError,
+)
 from pystemd.dbuslib import DBus, DbusMessage, apply_signature, path_encode
 
 from nspawnctl.errors import OperationError
@@ -26,6 +30,8 @@ MACHINED = b"org.freedesktop.machine1"
 MACHINED_PATH = b"/org/freedesktop/machine1"
 MACHINED_MANAGER = b"org.freedesktop.machine1.Manager"
 MACHINE = b"org.freedesktop.machine1.Machine"
+NO_SUCH_MACHINE = "org.freedesktop.machine1.NoSuchMachine"
+NO_MACHINE_FOR_PID = "org.freedesktop.machine1.NoMachineForPID"
 
 JOB_TIMEOUT = 120.0  # a container's boot is part of its start job (NotifyReady=yes)
 
@@ -54,10 +60,16 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def error_name(err: DBusBaseError) -> str:
+    """The D-Bus name of an error: pystemd keeps it in `err_name` for the names it has
+    no class of its own for, such as machined's."""
+    return text(err.err_name)
+
+
 def _bus_error(err: DBusBaseError, doing: str) -> OperationError:
     message = text(err.err_message) or str(err)
     hint = None
-    if "AccessDenied" in type(err).__name__ or "denied" in message.lower():
+    if isinstance(err, DBusAccessDeniedError | DBusInteractiveAuthorizationRequiredError):
         hint = "nspawnctl changes the host's systemd: run it as root"
     return OperationError(f"{doing}: {message}", hint=hint)
 
@@ -95,9 +107,12 @@ class Systemd:
         signature: bytes,
         *args: Any,
         doing: str,
+        missing: str = "",
     ) -> Any:
+        """The reply's body; None if the call fails with the error named `missing` (the
+        thing asked about is not there)."""
         encoded = apply_signature(signature, list(args)) if args else []
-        return self._call_encoded(dest, path, iface, method, encoded, doing=doing)
+        return self._call_encoded(dest, path, iface, method, encoded, doing=doing, missing=missing)
 
     def _call_encoded(
         self,
@@ -108,10 +123,13 @@ class Systemd:
         encoded: list[Any],
         *,
         doing: str,
+        missing: str = "",
     ) -> Any:
         try:
             reply: DbusMessage = self.bus.call_method(dest, path, iface, method, encoded)
         except DBusBaseError as err:
+            if missing and error_name(err) == missing:
+                return None
             raise _bus_error(err, doing) from None
         return reply.body
 
@@ -267,18 +285,18 @@ class Systemd:
 
     def machine(self, name: str) -> Machine | None:
         """The machine machined knows by this name, or None if it is not running."""
-        try:
-            path = self.bus.call_method(
-                MACHINED,
-                MACHINED_PATH,
-                MACHINED_MANAGER,
-                b"GetMachine",
-                apply_signature(b"s", [name.encode()]),
-            ).body
-        except DBusBaseError as err:
-            if "NoSuchMachine" in str(err) or "No machine" in str(err):
-                return None
-            raise _bus_error(err, f"asking machined about {name}") from None
+        path = self._call(
+            MACHINED,
+            MACHINED_PATH,
+            MACHINED_MANAGER,
+            b"GetMachine",
+            b"s",
+            name.encode(),
+            doing=f"asking machined about {name}",
+            missing=NO_SUCH_MACHINE,
+        )
+        if path is None:
+            return None
 
         def prop(prop_name: bytes, signature: bytes) -> Any:
             return self.bus.get_property(MACHINED, path, MACHINE, prop_name, signature)
@@ -296,18 +314,18 @@ class Systemd:
     def machine_of_pid(self, pid: int) -> str | None:
         """The name of the machine that process `pid` (as the host sees it) belongs to;
         None if machined places it in none: a process of the host, or no process."""
-        try:
-            path = self.bus.call_method(
-                MACHINED,
-                MACHINED_PATH,
-                MACHINED_MANAGER,
-                b"GetMachineByPID",
-                apply_signature(b"u", [pid]),
-            ).body
-        except DBusBaseError as err:
-            if "NoMachineForPID" in str(err) or "does not belong" in str(err):
-                return None
-            raise _bus_error(err, f"asking machined about PID {pid}") from None
+        path = self._call(
+            MACHINED,
+            MACHINED_PATH,
+            MACHINED_MANAGER,
+            b"GetMachineByPID",
+            b"u",
+            pid,
+            doing=f"asking machined about PID {pid}",
+            missing=NO_MACHINE_FOR_PID,
+        )
+        if path is None:
+            return None
         try:
             return text(self.bus.get_property(MACHINED, path, MACHINE, b"Name", b"s"))
         except DBusBaseError:
