@@ -203,25 +203,6 @@ class Systemd:
     def reset_failed(self, unit: str) -> None:
         self._manager(b"ResetFailedUnit", b"s", unit.encode(), doing=f"reset-failed {unit}")
 
-    def set_properties(self, unit: str, properties: Sequence[tuple[str, int]]) -> None:
-        """Change cgroup properties of a loaded unit now (`systemctl set-property
-        --runtime`): systemd keeps them in /run/systemd/system.control until reboot."""
-        # apply_signature() cannot encode a variant: it is spelt out, as pystemd's own
-        # unit_signatures.signature_array() does (open the variant, its value, close).
-        encoded = [*apply_signature(b"sb", [unit.encode(), True]), (ord("a"), b"(sv)")]
-        for name, value in properties:
-            encoded += [(ord("r"), b"sv"), *apply_signature(b"s", [name.encode()])]
-            encoded += [(ord("v"), b"t"), *apply_signature(b"t", [value]), (-1, None), (-1, None)]
-        encoded.append((-1, None))
-        self._call_encoded(
-            SYSTEMD,
-            SYSTEMD_PATH,
-            MANAGER,
-            b"SetUnitProperties",
-            encoded,
-            doing=f"setting properties of {unit}",
-        )
-
     # --- unit files -------------------------------------------------------------------
 
     def enable(self, units: Sequence[str]) -> None:

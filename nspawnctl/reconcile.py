@@ -77,8 +77,8 @@ class Plan:
     def needs_restart(self) -> bool:
         """The container boots with what changed: its guest files, its .nspawn file, its
         service's ExecStart or its mount. The config file, the socket, the host's
-        .network file and the SSH keys (read at each connection) need no reboot; nor do
-        resource limits, which `set` changes live."""
+        .network file, the SSH keys (read at each connection) and the resource limits
+        (applied to the running unit when systemd reloads) need no reboot."""
         quiet = {
             self.config.source,
             *(host_targets(self.paths, self.name)[t] for t in _LIVE_HOST_FILES),
@@ -87,7 +87,12 @@ class Plan:
 
 
 # Host files whose change takes effect without a reboot (see Plan.needs_restart).
-_LIVE_HOST_FILES = ("container.socket.j2", "container.network.j2", "authorized_keys.j2")
+_LIVE_HOST_FILES = (
+    "container.socket.j2",
+    "container.network.j2",
+    "authorized_keys.j2",
+    "container.resources.conf.j2",
+)
 
 # Guest files whose content is the host's fact, not the user's: put back by every apply
 # even when changed in the guest. The guest's journald writes to the directory named by

@@ -138,6 +138,9 @@ def host_targets(paths: Paths, name: str) -> dict[str, Path]:
         "container.network.j2": paths.network_dir / f"50-nspawnctl-{name}.network",
         "container.socket.j2": paths.unit_dir / socket_unit(name),
         "container.service.conf.j2": paths.unit_dir / f"{service_unit(name)}.d" / "nspawnctl.conf",
+        "container.resources.conf.j2": paths.unit_dir
+        / f"{service_unit(name)}.d"
+        / "nspawnctl-resources.conf",
         "container.nspawn.j2": paths.nspawn_dir / f"{name}.nspawn",
         "container.mount.j2": paths.unit_dir / mount_unit(paths.machine_dir(name)),
         "container.lower.j2": paths.unit_dir / lower_unit(name),
@@ -224,7 +227,6 @@ def render(config: ContainerConfig, paths: Paths, state: MachineState) -> Render
         "natives": [Native(s.native, s.listen) for s in config.sockets if s.native],
         "idle_timeout": config.idle_timeout,
         "keep_awake": config.keep_awake,
-        "resource_lines": config.resources.unit_lines(),
         "security": config.security,
     }
     units = _environment("units")

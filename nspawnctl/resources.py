@@ -1,8 +1,8 @@
 """Resource limits: the `resources:` keys, as systemd properties of the container's unit.
 
 One table says, for each key, how its value is read, what systemd calls it in a unit
-file, and how it is passed over D-Bus, so that `add` (a drop-in) and `set` (a live
-SetUnitProperties call) can never disagree."""
+file and over D-Bus (where `status` reads what systemd holds), and how the YAML
+writes it."""
 
 from __future__ import annotations
 
@@ -68,24 +68,16 @@ class _Key:
     unit_name: str  # in a unit file
     unit_value: Callable[[int], str]
     yaml_value: Callable[[int], Any]
-    # Over D-Bus: the property's name and signature, and the value in its units.
+    # Over D-Bus: the property's name (signature `t`).
     bus_name: str
-    bus_value: Callable[[int], int]
 
 
 KEYS: dict[str, _Key] = {
-    "memory": _Key(parse_size, "MemoryMax", str, _format_size, "MemoryMax", int),
-    "cpu": _Key(
-        parse_cpu,
-        "CPUQuota",
-        lambda p: f"{p}%",
-        lambda p: f"{p}%",
-        # CPUQuota=50% is half a second of CPU time per second.
-        "CPUQuotaPerSecUSec",
-        lambda p: p * 10_000,
-    ),
-    "tasks": _Key(_integer(16, _MAX_TASKS, "512"), "TasksMax", str, int, "TasksMax", int),
-    "io_weight": _Key(_integer(1, 10_000, "100"), "IOWeight", str, int, "IOWeight", int),
+    "memory": _Key(parse_size, "MemoryMax", str, _format_size, "MemoryMax"),
+    # CPUQuota=50% is half a second of CPU time per second.
+    "cpu": _Key(parse_cpu, "CPUQuota", lambda p: f"{p}%", lambda p: f"{p}%", "CPUQuotaPerSecUSec"),
+    "tasks": _Key(_integer(16, _MAX_TASKS, "512"), "TasksMax", str, int, "TasksMax"),
+    "io_weight": _Key(_integer(1, 10_000, "100"), "IOWeight", str, int, "IOWeight"),
 }
 
 
@@ -109,13 +101,13 @@ class Resources:
         """`Name=value` lines for the [Service] section of the container's unit."""
         return [f"{KEYS[k].unit_name}={KEYS[k].unit_value(v)}" for k, v in self.items()]
 
-    def bus_properties(self) -> list[tuple[str, int]]:
-        """(property, value) pairs for SetUnitProperties; every one has signature `t`."""
-        return [(KEYS[k].bus_name, KEYS[k].bus_value(v)) for k, v in self.items()]
-
     def yaml_data(self) -> dict[str, Any]:
         return {k: KEYS[k].yaml_value(v) for k, v in self.items()}
 
     def with_value(self, key: str, raw: object) -> Resources:
         """A copy with one key changed; ValueError names what is wrong with `raw`."""
         return replace(self, **{key: KEYS[key].parse(raw)})
+
+    def without(self, key: str) -> Resources:
+        """A copy with no limit for one key (systemd's default)."""
+        return replace(self, **{key: None})

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-from pathlib import Path
+import dataclasses
 from typing import Any
 
 import yaml
@@ -14,14 +13,10 @@ from nspawnctl.bus import Systemd
 from nspawnctl.commands import add_name
 from nspawnctl.config import load_yaml, parse_config
 from nspawnctl.container import is_running, require_installed
-from nspawnctl.errors import ConfigError, Exit, OperationError, UsageError
+from nspawnctl.errors import ConfigError, Exit, UsageError
 from nspawnctl.log import log
-from nspawnctl.names import service_unit
 from nspawnctl.paths import Paths
 from nspawnctl.resources import KEYS, Resources
-
-# Where `SetUnitProperties(runtime=true)` keeps what it set, one file per property.
-RUNTIME_CONTROL_DIR = Path("/run/systemd/system.control")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,6 +45,9 @@ def _assignment(text: str) -> tuple[str, Any]:
 
 
 def run_set(args: argparse.Namespace, paths: Paths) -> int:
+    """The new limits go where `apply` puts them, the container's resources drop-in;
+    systemd applies them to the running container when it reloads (as it does for an
+    `apply` that changes only `resources:`), so one path serves both."""
     name: str = args.name
     require_installed(paths, name)
     changes = dict(map(_assignment, args.assignments))
@@ -58,60 +56,25 @@ def run_set(args: argparse.Namespace, paths: Paths) -> int:
         data = load_yaml(file.read_text(encoding="utf-8"), file)
     except OSError as err:
         raise ConfigError(file, "", f"cannot read: {err}") from None
-    old = parse_config(name, data, file).resources
-    resources = data.setdefault("resources", {})
-    if not isinstance(resources, dict):
-        raise ConfigError(file, "resources", "is not a mapping", hint="fix the file first")
+    config = parse_config(name, data, file)
+    resources = config.resources
     for key, value in changes.items():
-        if value is None:
-            resources.pop(key, None)
-        else:
-            resources[key] = value
-    if not resources:
-        del data["resources"]
+        try:
+            resources = (
+                resources.without(key) if value is None else resources.with_value(key, value)
+            )
+        except ValueError as err:
+            raise ConfigError(file, f"resources.{key}", str(err)) from None
+    data.pop("resources", None)
+    if resources != Resources():
+        data["resources"] = resources.yaml_data()
     text = yaml.safe_dump(data, sort_keys=False, width=1000)
-    config = parse_config(name, data, file)  # every value judged as `add` judges it
-    plan = reconcile.plan(paths, config, text)
+    plan = reconcile.plan(paths, dataclasses.replace(config, resources=resources), text)
     with Systemd.connect() as systemd:
+        # restart=False: other YAML edits not applied yet wait for the next boot.
         reconcile.carry_out(systemd, plan, restart=False, verb="set")
         live = is_running(systemd, name)
-        if live:
-            _set_live(systemd, name, config.resources, old, set(changes))
     for key in changes:
-        value = dict(config.resources.yaml_data()).get(key, "(no limit)")
+        value = resources.yaml_data().get(key, "(no limit)")
         log.info("%s: resources.%s=%s%s", name, key, value, " (live)" if live else "")
     return Exit.OK
-
-
-def _set_live(systemd: Systemd, name: str, new: Resources, old: Resources, keys: set[str]) -> None:
-    """The running container's cgroup gets the new limits now. systemd keeps a copy of
-    each in RUNTIME_CONTROL_DIR, which would outrank the drop-in from then on: the
-    drop-in says the same, so the copies go, and systemd reads the drop-in again."""
-    service = service_unit(name)
-    values = dict(new.bus_properties())
-    # A limit taken away is back at the unit's default (the stock systemd-nspawn@.service
-    # has TasksMax=16384, say), which systemd has read by now.
-    properties = [
-        (
-            KEYS[k].bus_name,
-            values.get(KEYS[k].bus_name)
-            or int(systemd.unit_property(service, KEYS[k].bus_name, "t")),
-        )
-        for k in sorted(keys)
-        if getattr(new, k) != getattr(old, k)
-    ]
-    if not properties:
-        return
-    try:
-        systemd.set_properties(service, properties)
-    except OperationError as err:
-        raise OperationError(
-            f"{err.message}; the new limits are written and apply from the next boot",
-            hint=f"`nspawnctl restart {name}`",
-        ) from None
-    control = RUNTIME_CONTROL_DIR / f"{service}.d"
-    for key in keys:
-        (control / f"50-{KEYS[key].unit_name}.conf").unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        control.rmdir()  # only if nothing else is in it
-    systemd.reload()

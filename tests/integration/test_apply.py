@@ -208,9 +208,16 @@ def test_resources_are_the_units_properties_and_set_changes_them_live(host: Test
         "tasks": 16384,  # the stock unit's own limit
         "io_weight": 50,
     }
+    # An apply that changes only `resources:` takes the same live path.
+    host.write_file("/etc/nspawnctl/r.yaml", config.replace("memory: 1G", "memory: 512M"))
+    applied = nspawnctl(host, "apply", "/etc/nspawnctl").stdout
+    assert "restart" not in applied, applied
+    assert show(host, unit, "MainPID") == pid
+    assert show(host, unit, "MemoryMax") == str(512 << 20)
+    assert show(host, unit, "NeedDaemonReload") == "no"
     # Still true after the next boot: the drop-in was rewritten, not just the cgroup.
     nspawnctl(host, "restart", "r")
-    assert show(host, unit, "MemoryMax") == str(1 << 30)
+    assert show(host, unit, "MemoryMax") == str(512 << 20)
     assert show(host, unit, "TasksMax") == "16384"  # the stock unit's
 
 
@@ -232,4 +239,4 @@ def test_bad_limits_exit_2_and_change_nothing(host: TestHost) -> None:
         assert result.returncode == 2, result
         assert message in result.stderr
     assert host.run(["cat", "/etc/nspawnctl/r.yaml"]).stdout == before
-    assert show(host, "systemd-nspawn@r.service", "MemoryMax") == str(1 << 30)
+    assert show(host, "systemd-nspawn@r.service", "MemoryMax") == str(512 << 20)

@@ -57,20 +57,13 @@ def test_bad_values_say_what_is_wrong(key: str, value: object, message: str) -> 
         Resources().with_value(key, value)
 
 
-def test_unit_lines_and_bus_values_say_the_same() -> None:
+def test_unit_lines_and_yaml_say_the_same() -> None:
     resources = Resources(memory=256 << 20, cpu=20, tasks=300, io_weight=50)
     assert resources.unit_lines() == [
         "MemoryMax=268435456",
         "CPUQuota=20%",
         "TasksMax=300",
         "IOWeight=50",
-    ]
-    # CPUQuota=20% is 200 ms of CPU time per second.
-    assert resources.bus_properties() == [
-        ("MemoryMax", 268435456),
-        ("CPUQuotaPerSecUSec", 200_000),
-        ("TasksMax", 300),
-        ("IOWeight", 50),
     ]
     assert resources.yaml_data() == {"memory": "256M", "cpu": "20%", "tasks": 300, "io_weight": 50}
 

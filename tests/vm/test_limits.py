@@ -207,3 +207,25 @@ def test_cpu_quota_holds_a_busy_loop_near_its_share(vm: VM, containers: None) ->
     finally:
         for name in (BUSY, CALM):
             vm.run(["systemctl", f"--machine={name}", "stop", "spin.service"])
+
+
+def test_set_and_apply_change_a_running_containers_limits_in_the_kernel(
+    vm: VM, containers: None
+) -> None:
+    """`set` and an `apply` that changes only `resources:` both reach the running
+    container's cgroup: the same boot of it, the new limit in the kernel's file, and no
+    runtime copy of it in /run/systemd/system.control to outrank the YAML later."""
+    calm_leader = leader(vm, CALM)
+    nspawnctl(vm, "set", CALM, "resources.memory=200M")
+    assert read(vm, f"{cgroup(CALM)}/memory.max").strip() == str(200 << 20)
+    yaml = read(vm, f"/etc/nspawnctl/{CALM}.yaml")
+    vm.write_file(f"/etc/nspawnctl/{CALM}.yaml", yaml.replace("200M", "300M"))
+    applied = nspawnctl(vm, "apply").stdout
+    assert "restart" not in applied, applied
+    assert read(vm, f"{cgroup(CALM)}/memory.max").strip() == str(300 << 20)
+    nspawnctl(vm, "set", CALM, "resources.memory=", "resources.tasks=400")
+    assert read(vm, f"{cgroup(CALM)}/memory.max").strip() == "max"
+    assert read(vm, f"{cgroup(CALM)}/pids.max").strip() == "400"
+    assert leader(vm, CALM) == calm_leader
+    control = vm.run(["ls", "-A", "/run/systemd/system.control"], check=False).stdout
+    assert f"systemd-nspawn@{CALM}" not in control
