@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import configparser
 import subprocess
 from pathlib import Path
 
@@ -11,16 +10,14 @@ from nspawnctl.install import verify_units
 from nspawnctl.paths import Paths
 from nspawnctl.reconcile import without_our_keys
 from nspawnctl.render import GENERATED_MARK, MachineState, Rendering, render
+from tests.unit.unitfile import single_values
 
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
 UID_BASE = 0x00AB0000  # the guest's root on the host
 
 
-def unit(text: str) -> configparser.RawConfigParser:
-    parser = configparser.RawConfigParser(strict=False, delimiters=("=",))
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read_string(text)
-    return parser
+def unit(text: str) -> dict[str, dict[str, str]]:
+    return single_values(text)
 
 
 def render_web(pubkey: Path) -> Rendering:
@@ -98,7 +95,9 @@ def test_root_is_the_layer_over_one_image_version(rendering: Rendering) -> None:
         "upperdir=/var/lib/nspawnctl/layers/web/upper,workdir=/var/lib/nspawnctl/layers/web/work"
     )
     assert mount["Unit"]["StopWhenUnneeded"] == "yes"
-    assert mount["Unit"]["Requires"] == mount["Unit"]["After"] == "nspawnctl-lower@web.service"
+    # Not while nspawnctl holds it stopped (the gate), and over its ID-mapped image.
+    gate_then_lower = "nspawnctl-gate@web.service\nnspawnctl-lower@web.service"
+    assert mount["Unit"]["Requires"] == mount["Unit"]["After"] == gate_then_lower
     drop_in = out["/etc/systemd/system/systemd-nspawn@web.service.d/nspawnctl.conf"]
     assert "Requires=var-lib-machines-web.mount" in drop_in
     idmap = unit(out["/etc/systemd/system/nspawnctl-lower@web.service"])
