@@ -154,7 +154,7 @@ def check_snapshot_name(snap: str) -> None:
         )
 
 
-def is_running(paths: Paths, name: str) -> bool:
+def layer_in_use(paths: Paths, name: str) -> bool:
     """Whether the container's layer is in use: its root is mounted while it runs."""
     return mounted_lower(paths.machine_dir(name)) is not None
 
@@ -240,7 +240,7 @@ def _copy(
             copy_tree(upper, staging / "upper")
         write_atomic(staging / "config.yaml", config_text, 0o600)
         write_atomic(staging / "manifest.json", manifest.to_json(), 0o600)
-        if not live and is_running(paths, name):
+        if not live and layer_in_use(paths, name):
             # A connection booted it while we copied: the copy may be torn.
             raise OperationError(
                 f"{name} started while its snapshot was taken; nothing was kept",
@@ -288,7 +288,7 @@ def before_update(paths: Paths, names: Iterable[str], version: str) -> list[Snap
                 continue  # not installed: nothing to keep
             config, text = require_container(paths, name)
             target = snapshots_dir(paths, name) / f"{PRE_UPDATE}{version}"
-            taken.append(_copy(paths, config, text, target, live=is_running(paths, name)))
+            taken.append(_copy(paths, config, text, target, live=layer_in_use(paths, name)))
     except BaseException:
         discard(taken)
         raise
@@ -333,7 +333,7 @@ def rollback(paths: Paths, name: str, snap: str) -> Path:
             image = store.find(config.image)
             assert image is not None  # add has built it
             return image.current
-        if is_running(paths, name):
+        if layer_in_use(paths, name):
             raise UsageError(f"{name} is running", hint=f"`nspawnctl stop {name}` first")
         lower = snapshot.manifest.lower(paths)
         if lower is None or snapshot.manifest.recipe.key != config.image.key:

@@ -20,7 +20,7 @@ from nspawnctl.errors import ConfigError
 from nspawnctl.listen import Listen
 from nspawnctl.names import check_hostname, check_machine_name
 from nspawnctl.pubkeys import read_public_keys
-from nspawnctl.recipe import Recipe, parse_image, with_bootstrap
+from nspawnctl.recipe import BootstrapError, Recipe, parse_image, with_bootstrap
 from nspawnctl.resources import KEYS as RESOURCE_KEYS
 from nspawnctl.resources import Resources
 from nspawnctl.schema import (
@@ -378,9 +378,8 @@ def _image(top: Section, _name: str) -> Recipe:
             packages=tuple(packages),
             source=source,
         )
-    except ValueError as err:
-        key_name, _sep, problem = str(err).partition(": ")
-        section.fail(key_name, problem, hint="see BOOTSTRAP in nspawnctl.yaml(5)")
+    except BootstrapError as err:
+        section.fail(err.key, err.problem, hint="see BOOTSTRAP in nspawnctl.yaml(5)")
 
 
 def _dump_image(recipe: Recipe) -> dict[str, Any]:

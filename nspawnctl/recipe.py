@@ -91,6 +91,15 @@ def parse_image(value: str) -> Recipe:
     return Recipe(method=DISTROS[kind], distro=kind, release=rest)
 
 
+class BootstrapError(ValueError):
+    """A key of `bootstrap:` that does not fit the image: which key, and why."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
 def with_bootstrap(
     recipe: Recipe,
     *,
@@ -99,28 +108,31 @@ def with_bootstrap(
     packages: tuple[str, ...] = (),
     source: str | None = None,
 ) -> Recipe:
-    """Apply a `bootstrap:` section to the recipe of `image:`; ValueError names the key."""
+    """Apply a `bootstrap:` section to the recipe of `image:`; BootstrapError names the key."""
     if method is not None and method not in METHODS:
-        raise ValueError(
-            f"method: {method!r} is not a bootstrap method (known: {', '.join(METHODS)})"
+        raise BootstrapError(
+            "method", f"{method!r} is not a bootstrap method (known: {', '.join(METHODS)})"
         )
     if recipe.method == TEMPLATE:
         if method is None:
             if mirror or packages or source:
-                raise ValueError("method: required to build a template (tar or directory)")
+                raise BootstrapError("method", "required to build a template (tar or directory)")
             return recipe
         if method not in IMPORT_METHODS:
-            raise ValueError(
-                f"method: {method!r} cannot build a template; "
-                "use tar or directory (or a distro:release image)"
+            raise BootstrapError(
+                "method",
+                f"{method!r} cannot build a template; "
+                "use tar or directory (or a distro:release image)",
             )
         if not source:
-            raise ValueError(f"source: required by method {method}")
+            raise BootstrapError("source", f"required by method {method}")
         if mirror or packages:
-            raise ValueError(f"{'mirror' if mirror else 'packages'}: not used by method {method}")
+            raise BootstrapError("mirror" if mirror else "packages", f"not used by method {method}")
         return dataclasses.replace(recipe, method=method, source=source)
     if method is not None and method != recipe.method:
-        raise ValueError(f"method: {recipe.image} is built with {recipe.method}, not {method}")
+        raise BootstrapError(
+            "method", f"{recipe.image} is built with {recipe.method}, not {method}"
+        )
     if source:
-        raise ValueError("source: only for the tar and directory methods of template:NAME")
+        raise BootstrapError("source", "only for the tar and directory methods of template:NAME")
     return dataclasses.replace(recipe, mirror=mirror, packages=tuple(sorted(set(packages))))
