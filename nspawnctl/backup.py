@@ -139,7 +139,7 @@ class Snapshot:
 
 
 def snapshots_dir(paths: Paths, name: str) -> Path:
-    return paths.state_dir / "snapshots" / name
+    return paths.snapshots_dir / name
 
 
 def default_name() -> str:
@@ -264,7 +264,7 @@ def remove_snapshot(paths: Paths, name: str, snap: str) -> None:
 def versions_in_use(paths: Paths) -> set[Path]:
     """Every image version a snapshot sat on: `image update` keeps them, so that a
     rollback can go back to them."""
-    root = paths.state_dir / "snapshots"
+    root = paths.snapshots_dir
     found = set()
     for container in root.iterdir() if root.is_dir() else ():
         for snapshot in list_snapshots(paths, container.name):

@@ -39,7 +39,7 @@ class Layer:
     @staticmethod
     def directory(paths: Paths) -> Path:
         """Where every container's layer is."""
-        return paths.state_dir / "layers"
+        return paths.layers_dir
 
     @property
     def upper(self) -> Path:

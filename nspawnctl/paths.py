@@ -51,6 +51,16 @@ class Paths:
         return self.state_dir / "images"
 
     @property
+    def layers_dir(self) -> Path:
+        """Every container's own layer (layers.py)."""
+        return self.state_dir / "layers"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """Every container's snapshots, a directory each (backup.py)."""
+        return self.state_dir / "snapshots"
+
+    @property
     def intent_dir(self) -> Path:
         """Records of changes in progress (intent.py)."""
         return self.state_dir / "intents"
@@ -59,7 +69,7 @@ class Paths:
         """Directories only root may enter: they hold guests' trees, whose set-uid files
         and devices are the guests' (systemd keeps /var/lib/machines at 0700 likewise)."""
         state = self.state_dir
-        return (state, self.image_dir, state / "layers", state / "snapshots", self.machines_dir)
+        return (state, self.image_dir, self.layers_dir, self.snapshots_dir, self.machines_dir)
 
     def hold_file(self, name: str) -> Path:
         """The lock of a container's boot gate (hold.py). On disk, in root's own state,

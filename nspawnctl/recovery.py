@@ -73,7 +73,7 @@ def _sweep_leftovers(paths: Paths) -> None:
     not yet deleted, a layer still being built aside (create_layer). Only those of a
     process that is gone: their names end in its pid."""
     with contextlib.suppress(OSError):
-        for entry in os.scandir(paths.state_dir / "layers"):
+        for entry in os.scandir(paths.layers_dir):
             stem, _sep, pid = entry.name.rpartition("-")
             if (
                 entry.name.startswith(".")
