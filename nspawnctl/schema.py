@@ -173,6 +173,19 @@ def known_keys(cls: type, prefix: str = "") -> Iterator[str]:
             yield prefix + field.name
 
 
+def dotted_keys(data: Mapping[Any, Any], prefix: str = "") -> Iterator[str]:
+    """The keys a YAML document uses, dotted as known_keys names them."""
+    for name, value in data.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            yield from dotted_keys(value, f"{path}.")
+        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            for item in value:
+                yield from dotted_keys(item, f"{path}[].")
+        else:
+            yield path
+
+
 def parse_mapping(cls: type, section: Section, **given: Any) -> Any:
     """An instance of `cls` from its keys in `section`; `given`: its fields that are no
     keys. A key that is not there gets its field's default."""

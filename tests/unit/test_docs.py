@@ -12,13 +12,13 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from nspawnctl import cli, config, paths, pubkeys
+from nspawnctl.schema import dotted_keys
 
 MAN_DIR = Path(__file__).resolve().parents[2] / "man"
 PAGE_1 = MAN_DIR / "nspawnctl.1"
@@ -276,19 +276,6 @@ def _full_examples() -> list[str]:
     return examples
 
 
-def _key_paths(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            yield from _key_paths(value, f"{path}.")
-        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
-            # A list of mappings (`sockets`): its keys are KNOWN_KEYS' `sockets[].listen`.
-            for item in value:
-                yield from _key_paths(item, f"{path}[].")
-        else:
-            yield path
-
-
 def test_the_full_examples_are_valid_and_have_every_key(tmp_path: Path) -> None:
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys/alice.pub").write_text(
@@ -301,7 +288,7 @@ def test_the_full_examples_are_valid_and_have_every_key(tmp_path: Path) -> None:
     for text in examples:
         data = config.load_yaml(text, file)
         config.parse_config("web", data, file)
-        found.update(_key_paths(data))
+        found.update(dotted_keys(data))
     assert sorted(found) == sorted(config.KNOWN_KEYS)
     # The first one has a key file relative to the YAML file and a key line.
     first = config.parse_config("web", config.load_yaml(examples[0], file), file)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -37,6 +36,7 @@ from nspawnctl.render import (
     host_targets,
     render,
 )
+from nspawnctl.schema import dotted_keys
 from tests.unit.unitfile import read_unit
 
 FIXTURES = Path(__file__).parent / "render"
@@ -160,26 +160,11 @@ def test_every_template_is_rendered_by_a_fixture(kind: str, template: str) -> No
     ), f"no fixture in {FIXTURES} renders {kind}/{template}"
 
 
-def _dotted(data: Any, prefix: str = "") -> Iterator[str]:
-    """The keys of a YAML document as KNOWN_KEYS spells them."""
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if key == "network" and isinstance(value, str):
-                yield "network.mode"  # the short form
-            elif isinstance(value, dict):
-                yield from _dotted(value, f"{prefix}{key}.")
-            elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-                for item in value:
-                    yield from _dotted(item, f"{prefix}{key}[].")
-            else:
-                yield prefix + str(key)
-
-
 def test_the_fixtures_use_every_yaml_key() -> None:
     used = {
         key
         for path in FIXTURES.glob("*.yaml")
-        for key in _dotted(yaml.safe_load(path.read_text(encoding="utf-8")))
+        for key in dotted_keys(yaml.safe_load(path.read_text(encoding="utf-8")))
     }
     assert set(config.KNOWN_KEYS) - used == set()
 
