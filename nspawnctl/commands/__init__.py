@@ -4,9 +4,35 @@ which adds its parser and sets `handler`: `(args, paths) -> exit code`."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from nspawnctl.names import machine_name
+from nspawnctl.paths import Paths
+
+Handler = Callable[[argparse.Namespace, Paths], int]
+
+
+def add_verb(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    verb: str,
+    help_text: str,
+    handler: Handler,
+    **options: Any,
+) -> argparse.ArgumentParser:
+    """The parser of a verb: its help (also its description, unless given) and handler."""
+    options.setdefault("description", help_text)
+    parser = sub.add_parser(verb, help=help_text, **options)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def add_verbs(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    verbs: Mapping[str, tuple[str, Handler]],
+) -> dict[str, argparse.ArgumentParser]:
+    """A parser for each verb, with its help and its handler: one row each."""
+    return {verb: add_verb(sub, verb, text, handler) for verb, (text, handler) in verbs.items()}
 
 
 def add_name(parser: argparse.ArgumentParser, **options: Any) -> None:

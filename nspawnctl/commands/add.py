@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from nspawnctl import container
-from nspawnctl.commands import add_name
+from nspawnctl.commands import add_name, add_verb
 from nspawnctl.config import (
     ContainerConfig,
     dump_config,
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ("add", run_add, "create a container and start its socket (the container is not booted)"),
         ("render", run_render, "print every file `add` would write, touching nothing"),
     ):
-        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p = add_verb(sub, verb, help_text, handler)
         add_name(p)
         p.add_argument(
             "-f",
@@ -45,7 +45,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             metavar="PUBKEY",
             help="authorized public key (a key line or a .pub file); repeatable",
         )
-        p.set_defaults(handler=handler)
 
 
 _MAX_FILE = 1 << 20

@@ -6,23 +6,34 @@ import argparse
 from pathlib import Path
 
 from nspawnctl import backup, export
-from nspawnctl.commands import add_name
+from nspawnctl.commands import add_name, add_verbs
 from nspawnctl.errors import Exit, UsageError
 from nspawnctl.guesttree import disk_usage
 from nspawnctl.log import log
 from nspawnctl.paths import Paths
 
-_HELP = {
-    "snapshot": "copy a stopped container's layer and YAML aside (--list, --remove)",
-    "rollback": "put a stopped container back as it was in one of its snapshots",
-    "export": "write a container's YAML and layer (or with --full, its whole tree) to a tar",
-    "import": "make a container again from a file that export wrote",
-}
 _FORCE = "copy it even while it runs (files it writes meanwhile may be torn)"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parsers = {v: sub.add_parser(v, help=h, description=h) for v, h in _HELP.items()}
+    parsers = add_verbs(
+        sub,
+        {
+            "snapshot": (
+                "copy a stopped container's layer and YAML aside (--list, --remove)",
+                run_snapshot,
+            ),
+            "rollback": (
+                "put a stopped container back as it was in one of its snapshots",
+                run_rollback,
+            ),
+            "export": (
+                "write a container's YAML and layer (or with --full, its whole tree) to a tar",
+                run_export,
+            ),
+            "import": ("make a container again from a file that export wrote", run_import),
+        },
+    )
     p = parsers["snapshot"]
     add_name(p)
     p.add_argument("snapshot", metavar="SNAP", nargs="?", help="default: the date and time")
@@ -45,14 +56,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = parsers["import"]
     p.add_argument("file", metavar="FILE", type=Path)
     add_name(p, nargs="?", help="default: the exported name")
-    handlers = {
-        "snapshot": run_snapshot,
-        "rollback": run_rollback,
-        "export": run_export,
-        "import": run_import,
-    }
-    for verb, parser in parsers.items():
-        parser.set_defaults(handler=handlers[verb])
 
 
 def run_snapshot(args: argparse.Namespace, paths: Paths) -> int:

@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 
-from nspawnctl.commands import add_name
+from nspawnctl.commands import add_name, add_verb
 from nspawnctl.errors import Exit, UsageError
 from nspawnctl.fleet import DEFAULT_JOBS, Outcome, booted_leader, guest_command, run_in_each, select
 from nspawnctl.log import log
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "every output line prefixed with the container's name, then a summary; exit "
         "status 1 if it failed in any. Containers booted for it are powered off again."
     )
-    p = sub.add_parser("exec", help=help_text, description=description, usage=_USAGE)
+    p = add_verb(sub, "exec", help_text, run_exec, description=description, usage=_USAGE)
     p.add_argument("--all", action="store_true", help="in every container")
     p.add_argument(
         "--running",
@@ -43,11 +43,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     # Everything after the options: NAMEs up to `--`, then the command (options of the
     # command, such as `ls -l`, stay the command's).
     p.add_argument("words", nargs=argparse.REMAINDER, metavar="NAME... -- CMD")
-    p.set_defaults(handler=run_exec)
-    help_text = "an interactive root shell in a container (booting it if needed)"
-    p = sub.add_parser("shell", help=help_text, description=help_text)
-    add_name(p)
-    p.set_defaults(handler=run_shell)
+    shell = "an interactive root shell in a container (booting it if needed)"
+    add_name(add_verb(sub, "shell", shell, run_shell))
 
 
 def _jobs(text: str) -> int:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from nspawnctl.bootstrap import tar
+from nspawnctl.commands import add_verbs
 from nspawnctl.container import merged_view, users_of
 from nspawnctl.errors import Exit, OperationError, UsageError
 from nspawnctl.guesttree import disk_usage
@@ -16,22 +17,38 @@ from nspawnctl.recipe import TEMPLATE, Recipe, parse_image
 from nspawnctl.store import Image, ImageStore
 from nspawnctl.update import default_command, update_image
 
-_VERBS = {
-    "build": "bootstrap an image now, or make a template from a stopped container (--from)",
-    "list": "images in the store: recipe, version, size, the containers using them",
-    "update": "run a command in an image (default: its distribution's upgrade); every "
-    "container sees the result on its next start",
-    "remove": "delete an image no container uses",
-    "export": "write an image's current version to a tar archive (.tar, .tar.gz, .tar.zst...)",
-    "import": "make template:NAME from a root filesystem archive or directory",
-}
-
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_text = "the image store: root filesystems that containers are layers over"
     p = sub.add_parser("image", help=help_text, description=help_text)
     verbs = p.add_subparsers(dest="image_verb", metavar="IMAGE_VERB", required=True)
-    parsers = {v: verbs.add_parser(v, help=h, description=h) for v, h in _VERBS.items()}
+    parsers = add_verbs(
+        verbs,
+        {
+            "build": (
+                "bootstrap an image now, or make a template from a stopped container (--from)",
+                run_build,
+            ),
+            "list": (
+                "images in the store: recipe, version, size, the containers using them",
+                run_list,
+            ),
+            "update": (
+                "run a command in an image (default: its distribution's upgrade); every "
+                "container sees the result on its next start",
+                run_update,
+            ),
+            "remove": ("delete an image no container uses", run_remove),
+            "export": (
+                "write an image's current version to a tar archive (.tar, .tar.gz, .tar.zst...)",
+                run_export,
+            ),
+            "import": (
+                "make template:NAME from a root filesystem archive or directory",
+                run_import,
+            ),
+        },
+    )
     parsers["build"].add_argument(
         "image", metavar="IMAGE", help="distro:release, or template:NAME with --from"
     )
@@ -64,16 +81,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "file", metavar="FILE", type=Path, help="a .tar[.gz|.xz|.zst] archive or a directory"
     )
     parsers["import"].add_argument("name", metavar="NAME", help="the new image is template:NAME")
-    handlers = {
-        "build": run_build,
-        "list": run_list,
-        "update": run_update,
-        "remove": run_remove,
-        "export": run_export,
-        "import": run_import,
-    }
-    for verb, parser in parsers.items():
-        parser.set_defaults(handler=handlers[verb])
 
 
 def _recipe(value: str) -> Recipe:

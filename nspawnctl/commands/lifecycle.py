@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from nspawnctl.bus import Systemd
-from nspawnctl.commands import add_name
+from nspawnctl.commands import add_name, add_verb
 from nspawnctl.container import require_installed, stop_container, units_of
 from nspawnctl.errors import Exit
 from nspawnctl.log import log
@@ -66,9 +66,7 @@ _VERBS: dict[str, tuple[Action, str, str]] = {
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for verb, (_action, help_text, _done) in _VERBS.items():
-        p = sub.add_parser(verb, help=help_text, description=help_text)
-        add_name(p)
-        p.set_defaults(handler=run)
+        add_name(add_verb(sub, verb, help_text, run))
 
 
 def run(args: argparse.Namespace, paths: Paths) -> int:

@@ -13,7 +13,7 @@ import socket
 import sys
 
 from nspawnctl import journal
-from nspawnctl.commands import add_name
+from nspawnctl.commands import add_name, add_verb
 from nspawnctl.container import config_names, machine_id, require_installed, units_of
 from nspawnctl.errors import Exit, OperationError, UsageError
 from nspawnctl.journal import HOST, Entry, Problems, Source
@@ -33,7 +33,7 @@ def _lines(text: str) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_text = "show a container's journal, or with --all every journal merged with the host's"
-    p = sub.add_parser("logs", help=help_text, description=help_text)
+    p = add_verb(sub, "logs", help_text, run)
     add_name(p, nargs="?")
     p.add_argument("--all", action="store_true", help="every container merged with the host")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
@@ -46,7 +46,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="short",
         help=f"one of {', '.join(journal.FORMATS)} (default short)",
     )
-    p.set_defaults(handler=run)
 
 
 def _container_source(paths: Paths, name: str) -> Source | None:

@@ -10,7 +10,7 @@ import yaml
 
 from nspawnctl import reconcile
 from nspawnctl.bus import Systemd
-from nspawnctl.commands import add_name
+from nspawnctl.commands import add_name, add_verb
 from nspawnctl.config import load_yaml, parse_config
 from nspawnctl.container import is_running, require_installed
 from nspawnctl.errors import ConfigError, Exit, UsageError
@@ -21,7 +21,7 @@ from nspawnctl.resources import KEYS, Resources
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_text = "change resource limits (resources.KEY=VALUE) of a container, live"
-    p = sub.add_parser("set", help=help_text, description=help_text)
+    p = add_verb(sub, "set", help_text, run_set)
     add_name(p)
     p.add_argument(
         "assignments",
@@ -29,7 +29,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="KEY=VALUE",
         help="e.g. resources.memory=1G resources.cpu=50%%; an empty VALUE removes the limit",
     )
-    p.set_defaults(handler=run_set)
 
 
 def _assignment(text: str) -> tuple[str, Any]:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nspawnctl.bus import Systemd, UnitState, text
-from nspawnctl.commands import add_name
+from nspawnctl.commands import add_name, add_verbs
 from nspawnctl.config import ContainerConfig, load_config
 from nspawnctl.container import load_all, require_installed, units_of
 from nspawnctl.errors import ConfigError, Exit
@@ -34,14 +34,19 @@ _CONTAINER_STATE = {
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("list", help="one row per container", description="one row per container")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=run_list)
-    help_text = "socket, container, machine, addresses, memory and uptime of a container"
-    p = sub.add_parser("status", help=help_text, description=help_text)
-    add_name(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=run_status)
+    parsers = add_verbs(
+        sub,
+        {
+            "list": ("one row per container", run_list),
+            "status": (
+                "socket, container, machine, addresses, memory and uptime of a container",
+                run_status,
+            ),
+        },
+    )
+    add_name(parsers["status"])
+    for p in parsers.values():
+        p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _socket_state(state: UnitState) -> str:

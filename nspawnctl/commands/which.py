@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from nspawnctl.bus import Systemd
+from nspawnctl.commands import add_verb
 from nspawnctl.errors import Exit, OperationError, UsageError
 from nspawnctl.paths import Paths
 from nspawnctl.screen import shown
@@ -13,9 +14,8 @@ from nspawnctl.screen import shown
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_text = "print the name of the container that a process of the host belongs to"
-    p = sub.add_parser("which", help=help_text, description=help_text)
+    p = add_verb(sub, "which", help_text, run_which)
     p.add_argument("pid", metavar="PID", type=_pid, help="a process ID as the host sees it")
-    p.set_defaults(handler=run_which)
 
 
 def _pid(text: str) -> int:
