@@ -20,7 +20,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from nspawnctl.faults import checkpoint
 from nspawnctl.guesttree import copy_live, copy_tree, delete, remove_tree
 from nspawnctl.hold import held
 from nspawnctl.install import Undo, check_writable, restore_file, verify_units
+from nspawnctl.intent import Step, Transaction
 from nspawnctl.layers import MACHINE_ID, Layer, check_upper_filesystem, mounted_lower, reown_layer
 from nspawnctl.log import log
 from nspawnctl.names import service_unit, socket_unit
@@ -219,6 +220,41 @@ def take(paths: Paths, name: str, snap: str, *, force: bool = False) -> Snapshot
         return _copy(paths, config, config_text, target, live=live)
 
 
+def copy_running_layer(paths: Paths, name: str, target: Path) -> None:
+    """A copy of a running container's layer, taken while the container is frozen, so
+    that it is of one instant (a database's files and its log agree); its connections
+    wait meanwhile, and none is lost. Where the host cannot freeze it (no unified cgroup
+    hierarchy) the copy is taken all the same, consistent file by file only, and says
+    so. The guest renames and swaps files meanwhile: a path-walking cp could be led
+    through a link it swaps in, so copy_live goes by descriptors only."""
+    with Systemd.connect() as systemd, _frozen(systemd, paths, name):
+        copy_live(
+            Layer.of(paths, name).upper, target, deadline=time.monotonic() + LIVE_COPY_SECONDS
+        )
+
+
+@contextlib.contextmanager
+def _frozen(systemd: Systemd, paths: Paths, name: str) -> Iterator[None]:
+    service = service_unit(name)
+    with Transaction(paths.intent_dir, "freeze", name, systemd) as change:
+        # Recorded before the freeze: if nspawnctl is killed while the container is
+        # frozen, the next nspawnctl thaws it (recovery.py).
+        change.step(Step("thaw", service))
+        try:
+            systemd.freeze(service)
+        except OperationError as err:
+            log.warning(
+                "%s cannot be frozen (%s): the copy is consistent file by file, not of one instant",
+                name,
+                err.message,
+            )
+            yield
+            return
+        checkpoint(f"freeze: {name} frozen")
+        yield
+        systemd.thaw(service)
+
+
 def _copy(
     paths: Paths, config: ContainerConfig, config_text: str, target: Path, *, live: bool
 ) -> Snapshot:
@@ -232,9 +268,7 @@ def _copy(
         staging.mkdir(mode=0o700)  # a copy of a guest's files: root's business only
         upper = Layer.of(paths, name).upper
         if live:
-            # The guest renames and swaps files meanwhile: a path-walking cp could be
-            # led through a link it swaps in. copy_live goes by descriptors only.
-            copy_live(upper, staging / "upper", deadline=time.monotonic() + LIVE_COPY_SECONDS)
+            copy_running_layer(paths, name, staging / "upper")
         else:
             # A reflink copy where the file system has them (Btrfs, XFS): nearly free.
             copy_tree(upper, staging / "upper")

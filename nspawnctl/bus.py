@@ -200,6 +200,14 @@ class Systemd:
         except OperationError as err:
             log.debug("stopping %s: %s", unit, err)
 
+    def freeze(self, unit: str) -> None:
+        """Stop every process of a running unit in its tracks (the cgroup freezer); the
+        reply comes once they are frozen. Needs the unified cgroup hierarchy."""
+        self._manager(b"FreezeUnit", b"s", unit.encode(), doing=f"freezing {unit}")
+
+    def thaw(self, unit: str) -> None:
+        self._manager(b"ThawUnit", b"s", unit.encode(), doing=f"thawing {unit}")
+
     def reset_failed(self, unit: str) -> None:
         self._manager(b"ResetFailedUnit", b"s", unit.encode(), doing=f"reset-failed {unit}")
 

@@ -24,7 +24,6 @@ import posixpath
 import stat
 import tarfile
 import tempfile
-import time
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -33,8 +32,8 @@ from pathlib import Path, PurePosixPath
 from nspawnctl import container
 from nspawnctl.atomic import write_atomic
 from nspawnctl.backup import (
-    LIVE_COPY_SECONDS,
     Manifest,
+    copy_running_layer,
     manifest_of,
     require_container,
     running_error,
@@ -44,7 +43,7 @@ from nspawnctl.bus import Systemd
 from nspawnctl.config import ContainerConfig, dump_config, load_yaml, parse_config
 from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.faults import checkpoint
-from nspawnctl.guesttree import copy_live, delete, remove_tree
+from nspawnctl.guesttree import delete, remove_tree
 from nspawnctl.hold import held
 from nspawnctl.layers import MACHINE_ID, Layer
 from nspawnctl.names import check_machine_name
@@ -112,8 +111,7 @@ def _live_copy(paths: Paths, name: str) -> Iterator[Path]:
     layers (on their file system), deleted afterwards."""
     where = Path(tempfile.mkdtemp(prefix=f".export-{name}-", dir=Layer.directory(paths)))
     try:
-        deadline = time.monotonic() + LIVE_COPY_SECONDS
-        copy_live(Layer.of(paths, name).upper, where / UPPER, deadline=deadline)
+        copy_running_layer(paths, name, where / UPPER)
         yield where
     finally:
         delete(where)

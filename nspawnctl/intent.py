@@ -29,8 +29,8 @@ from nspawnctl.install import Undo, remove_file
 from nspawnctl.log import log
 
 # Taking back: restore a file (None: delete it), delete a tree, delete an empty
-# directory, reload systemd, stop a unit and forget its failure.
-StepKind = Literal["file", "tree", "rmdir", "reload", "stop"]
+# directory, reload systemd, stop a unit and forget its failure, thaw a frozen unit.
+StepKind = Literal["file", "tree", "rmdir", "reload", "stop", "thaw"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,8 @@ def take_back(step: Step, systemd: Systemd) -> None:
             systemd.reload()
         case "stop":
             systemd.stop_and_forget(step.path)
+        case "thaw":
+            systemd.thaw(step.path)
 
 
 class Transaction(Undo):

@@ -42,6 +42,32 @@ def test_stop_leaves_the_socket_listening(vm: VM) -> None:
     assert ssh(vm, PORT, "hostname").stdout.strip() == "web"
 
 
+def test_a_live_snapshot_is_taken_frozen_and_a_kill_meanwhile_thaws_it(vm: VM) -> None:
+    """`snapshot --force` of a running container copies its layer while the container
+    is frozen (one instant, not file by file); nspawnctl killed while it is frozen
+    leaves a record, and the next nspawnctl thaws it."""
+    ssh(vm, PORT, "echo one > /root/state")
+    leader = unit_property(vm, "systemd-nspawn@web.service", "MainPID")
+    # Checkpoints: 1 the hold, 2 the thaw recorded, 3 the container frozen.
+    killed = vm.run(
+        ["env", "NSPAWNCTL_KILL_AT=3", "nspawnctl", "snapshot", "--force", "web", "cut"],
+        check=False,
+    )
+    assert killed.returncode != 0 and "SIGKILL at freeze: web frozen" in killed.stderr
+    assert unit_property(vm, "systemd-nspawn@web.service", "FreezerState") == "frozen"
+    settled = nspawnctl(vm, "list")
+    assert "took back an interrupted `freeze web`" in settled.stderr
+    assert unit_property(vm, "systemd-nspawn@web.service", "FreezerState") == "running"
+    assert ssh(vm, PORT, "cat /root/state").stdout == "one\n"
+
+    taken = nspawnctl(vm, "snapshot", "--force", "web", "live")
+    assert "cannot be frozen" not in taken.stderr, taken.stderr
+    assert unit_property(vm, "systemd-nspawn@web.service", "FreezerState") == "running"
+    assert unit_property(vm, "systemd-nspawn@web.service", "MainPID") == leader
+    copied = "/var/lib/nspawnctl/snapshots/web/live/upper/root/state"
+    assert vm.run(["cat", copied]).stdout == "one\n"
+
+
 def test_enabled_container_comes_back_after_a_host_reboot(vm: VM) -> None:
     nspawnctl(vm, "enable", "web")
     nspawnctl(vm, "add", "other", "--ssh", str(OTHER_PORT), "--key", f"{CLIENT_KEY}.pub")
