@@ -11,6 +11,7 @@ from typing import Any
 from nspawnctl.bus import Systemd, UnitState, text
 from nspawnctl.commands import add_name, add_verbs
 from nspawnctl.config import ContainerConfig, load_config
+from nspawnctl.conflicts import waiting_connections
 from nspawnctl.container import load_all, require_installed, units_of
 from nspawnctl.errors import ConfigError, Exit
 from nspawnctl.guesttree import disk_usage
@@ -143,6 +144,12 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
         "config": str(paths.config_file(name)),
         "image": config.image.image if config else None,
         "listen": [str(listen) for _key, listen in config.listens()] if config else [],
+        # Connections in the host's queue that nothing has taken yet (see run_status).
+        "waiting": (
+            {str(listen): waiting_connections(listen) for _key, listen in config.listens()}
+            if config
+            else {}
+        ),
         "network": str(config.network) if config else None,
         "address": str(config.network.address) if config and config.network.address else None,
         "socket": {"unit": socket, "state": _socket_state(states[socket]), "enabled": enabled},
@@ -237,6 +244,17 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
         print(
             f"  {'':<11}try again: nspawnctl start {args.name}; "
             f"why: journalctl -u {service_unit(args.name)}"
+        )
+    waiting = {listen: n for listen, n in info["waiting"].items() if n}
+    if waiting and info["container"]["state"] == "running":
+        # Booted, yet connections wait: the guest no longer takes them (it stopped or
+        # broke its own socket unit). Each one waits until the container restarts.
+        queued = ", ".join(f"{n} on {listen}" for listen, n in waiting.items())
+        print(f"  {'problem:':<11}connections wait in the host's queue ({queued}): the guest")
+        print(f"  {'':<11}takes none of them (is its socket unit stopped or failed?)")
+        print(
+            f"  {'':<11}see: nspawnctl exec {args.name} -- systemctl --failed; "
+            f"nspawnctl restart {args.name}"
         )
     return Exit.OK
 

@@ -5,6 +5,7 @@ each of many stopped containers at once (as after a host's reboot)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -109,3 +110,43 @@ def test_first_connections_to_many_stopped_containers_at_once_are_all_served(
     stops = [host.popen([sys.executable, "-m", "nspawnctl", "stop", n]) for n in names]
     assert [stop.wait(timeout=180) for stop in stops] == [0] * len(names)
     assert not set(names) & set(machines(host))
+
+
+DEAF_PORT = 2720
+# A client that connects and then waits for the server's first byte, for as long as
+# the test lets it.
+HOLD = """
+import socket, sys
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=300) as s:
+    print("connected", flush=True)
+    s.recv(1)
+"""
+
+
+def test_status_says_when_connections_wait_that_the_guest_takes_no_more(host: TestHost) -> None:
+    """A guest that stops its own sshd.socket takes no connection any more, though its
+    container runs: they wait in the host's socket. `status` counts them from the
+    kernel's queue, and says so."""
+    host.write_file(
+        "/var/tmp/deaf.yaml", f"ssh: {{listen: {DEAF_PORT}, authorized_keys: [{CLIENT_KEY}.pub]}}"
+    )
+    nspawnctl(host, "add", "deaf", "-f", "/var/tmp/deaf.yaml")
+    ssh(host, DEAF_PORT, "true")  # boots it
+    assert "problem" not in nspawnctl(host, "status", "deaf").stdout
+    nspawnctl(host, "exec", "deaf", "--", "systemctl", "stop", "sshd.socket")
+    client = host.popen([sys.executable, "-c", HOLD, str(DEAF_PORT)], stdout=subprocess.PIPE)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == "connected\n"
+        report = nspawnctl(host, "status", "deaf").stdout
+        assert f"connections wait in the host's queue (1 on {DEAF_PORT})" in report, report
+        status = json.loads(nspawnctl(host, "status", "deaf", "--json").stdout)
+        assert status["waiting"] == {str(DEAF_PORT): 1}
+        assert status["container"]["state"] == "running"
+    finally:
+        client.kill()
+        client.wait()
+    # A restart gives the guest the socket again.
+    nspawnctl(host, "restart", "deaf")
+    assert ssh(host, DEAF_PORT, "hostname").stdout.strip() == "deaf"
+    assert "problem" not in nspawnctl(host, "status", "deaf").stdout
+    nspawnctl(host, "remove", "deaf")
