@@ -37,7 +37,12 @@ def host_and_archive(image_cache: Path) -> Iterator[tuple[TestHost, Path]]:
     ):
         archive = Path(tmp) / "first.tar"
         tar = ["tar", "-C", str(cached_image().current), "--numeric-owner", "--xattrs"]
-        subprocess.run([*tar, "-cf", str(archive), "."], check=True)
+        # The cache is shared with the other test modules' hosts: a file's ctime may
+        # change while tar reads it, which GNU tar reports with exit status 1 (CI saw it
+        # once: "file changed as we read it"). The archive is whole either way.
+        argv = [*tar, "--warning=no-file-changed", "-cf", str(archive), "."]
+        made = subprocess.run(argv, check=False)
+        assert made.returncode in (0, 1), made
         with booted_host(Path(store)) as h:
             yield h, archive
 
