@@ -60,6 +60,15 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class JobError(OperationError):
+    """A job that ended otherwise than done; `result` is systemd's word for how
+    (failed, canceled, timeout, dependency...)."""
+
+    def __init__(self, result: str, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.result = result
+
+
 def error_name(err: DBusBaseError) -> str:
     """The D-Bus name of an error: pystemd keeps it in `err_name` for the names it has
     no class of its own for, such as machined's."""
@@ -180,7 +189,8 @@ class Systemd:
         job = self._manager(method, b"ss", unit.encode(), b"replace", doing=f"{verb} {unit}")
         result = self._wait_job(job, timeout)
         if result != "done":
-            raise OperationError(
+            raise JobError(
+                result,
                 f"{verb} of {unit} {'failed' if result == 'failed' else 'ended: ' + result}",
                 hint=f"see `systemctl status {unit}` and `journalctl -u {unit}`",
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from nspawnctl.bus import Systemd
+from nspawnctl.bus import JobError, Systemd
 from nspawnctl.commands import add_name, add_verb
 from nspawnctl.container import require_installed, stop_container, units_of
 from nspawnctl.errors import Exit
@@ -37,7 +37,14 @@ def _restart(systemd: Systemd, name: str, paths: Paths) -> None:
     # Not RestartUnit: the root's mount stays needed through a restart job, so the
     # container would come back on the image version it had. Unmount in between.
     _stop(systemd, name, paths)
-    systemd.stop(mount_unit(paths.machine_dir(name)))
+    try:
+        systemd.stop(mount_unit(paths.machine_dir(name)))
+    except JobError as err:
+        if err.result != "canceled":
+            raise
+        # A connection came (or one waited in the socket's queue) and booted it again
+        # before its root was unmounted: its start job took the place of our unmount.
+        log.info("%s was booted again by a connection, on the same image version", name)
     systemd.start(service_unit(name))
 
 
