@@ -14,6 +14,7 @@ from tests.integration.conftest import CLIENT_KEY, STATE_IN_HOST, booted_host, n
 from tests.testhost import TestHost
 
 BOX, TICK = 2600, 2602  # the ports of the two containers of these tests
+BINDS = 2603  # a container imported from a crafted archive
 # Where every trace of an import, a snapshot or a rollback would be.
 WATCHED = (
     "/etc/nspawnctl",
@@ -230,7 +231,7 @@ def test_image_update_leaves_a_snapshot_that_undoes_it(host: TestHost, tick: str
 # export has, or with its YAML and manifest naming an image that is nowhere.
 _CRAFT = r"""
 import io, json, sys, tarfile
-source, target, kind = sys.argv[1:]
+source, target, kind, tick, binds = sys.argv[1:]
 
 def member(name, type=tarfile.REGTYPE, **fields):
     info = tarfile.TarInfo(name)
@@ -240,8 +241,11 @@ def member(name, type=tarfile.REGTYPE, **fields):
     return info
 
 with tarfile.open(source) as src, tarfile.open(target, "w") as out:
+    # Where the host binds its own directories at each boot: links to host paths there.
+    links = {"upper/etc/ssh/nspawnctl": "/root/.ssh", "upper/var/log/journal": "/srv/j"}
     for info in src:
-        if not info.name.startswith(".nspawnctl-export"):
+        layer = kind == "bind-links" and not info.name.startswith(tuple(links))
+        if not info.name.startswith(".nspawnctl-export") and not layer:
             continue
         data = src.extractfile(info).read() if info.isfile() else None
         if kind == "no-image" and info.name.endswith("config.yaml"):
@@ -252,18 +256,23 @@ with tarfile.open(source) as src, tarfile.open(target, "w") as out:
             manifest = json.loads(data)
             manifest["recipe"] = {"method": "template", "name": "nosuch"}
             data = json.dumps(manifest).encode()
+        if kind == "bind-links" and info.name.endswith("config.yaml"):
+            data = data.replace(f"listen: {tick}".encode(), f"listen: {binds}".encode())
         if data is not None:
             info.size = len(data)
         out.addfile(info, io.BytesIO(data) if data is not None else None)
-    out.addfile(member("upper", tarfile.DIRTYPE, mode=0o755))
+    if kind == "bind-links":
+        for where, link in links.items():
+            out.addfile(member(where, tarfile.SYMTYPE, linkname=link))
+    else:
+        out.addfile(member("upper", tarfile.DIRTYPE, mode=0o755))
     evil = {
         "dotdot": member("upper/../../../var/tmp/escaped"),
         "absolute": member("/var/tmp/escaped"),
         "symlink": member("upper/etc/ssh", tarfile.SYMTYPE, linkname="../../../../etc/ssh"),
         "hardlink": member("upper/srv/shadow", tarfile.LNKTYPE, linkname="/etc/shadow"),
         "device": member("upper/srv/sda", tarfile.BLKTYPE, devmajor=8, devminor=0),
-        "no-image": None,
-    }[kind]
+    }.get(kind)
     if evil is not None:
         out.addfile(evil, io.BytesIO(b"") if evil.isfile() else None)
 """
@@ -278,7 +287,7 @@ def plain_export(host: TestHost, tick: str) -> str:
 
 def craft(host: TestHost, source: str, kind: str) -> str:
     target = f"/var/tmp/{kind}.tar"
-    host.run([sys.executable, "-c", _CRAFT, source, target, kind])
+    host.run([sys.executable, "-c", _CRAFT, source, target, kind, str(TICK), str(BINDS)])
     return target
 
 
@@ -303,6 +312,30 @@ def test_a_bad_archive_is_refused_and_changes_nothing(
     assert message in result.stderr, result.stderr
     assert state(host) == before
     assert host.run(["test", "-e", "/var/tmp/escaped"], check=False).returncode == 1
+
+
+def test_links_where_the_host_binds_its_directories_keep_the_binds_in_the_guest(
+    host: TestHost, plain_export: str
+) -> None:
+    """An archive whose layer has links where the host binds its own directories at
+    each boot (the SSH keys at /etc/ssh/nspawnctl, the journal at /var/log/journal/ID),
+    to host paths. The guest's root cannot plant them while it runs (the mount points
+    are locked, their lower parents cannot be renamed on overlayfs), an archive can.
+    systemd-nspawn resolves a bind's target inside the guest's root: both land in the
+    guest's own tree, and sshd finds the keys there through the link."""
+    archive = craft(host, plain_export, "bind-links")
+    hosts_ssh = host.run(["ls", "-la", "/root/.ssh"]).stdout
+    nspawnctl(host, "import", archive, "binds")
+    machine_id = host.run(["cat", f"{STATE_IN_HOST}/layers/binds/machine-id"]).stdout.strip()
+    assert ssh(host, BINDS, "ls /root/.ssh /srv/j").stdout.split() == [
+        "/root/.ssh:",
+        "authorized_keys.root",
+        "/srv/j:",
+        machine_id,
+    ]
+    assert host.run(["ls", "-la", "/root/.ssh"]).stdout == hosts_ssh
+    assert host.run(["test", "-e", "/srv/j"], check=False).returncode == 1
+    nspawnctl(host, "remove", "binds")
 
 
 @pytest.mark.parametrize(

@@ -135,44 +135,6 @@ def test_links_in_the_layer_are_refused_never_followed(
     assert leftovers(host, "links") == []
 
 
-def test_the_hosts_binds_land_in_the_guest_whatever_links_it_plants(
-    host: TestHost, canaries: str
-) -> None:
-    """The host binds its own directories into the guest at each boot: the SSH keys at
-    /etc/ssh/nspawnctl, the journal at /var/log/journal/ID. The guest moves the real
-    directories aside (their mount points cannot be touched, their parents can) and
-    plants links to host paths there: systemd-nspawn resolves a bind's target inside
-    the guest's root, so both binds land in the guest's own tree."""
-    add(host, "binds", 2604)
-    machine_id = host.run(["cat", f"{STATE_IN_HOST}/layers/binds/machine-id"]).stdout.strip()
-    hosts_ssh = host.run(["ls", "-la", "/root/.ssh"], check=False).stdout
-    in_guest(
-        host,
-        "binds",
-        f"""set -e
-        mv /etc/ssh /etc/ssh.moved && mkdir /etc/ssh
-        for f in /etc/ssh.moved/*; do
-            [ "$f" = /etc/ssh.moved/nspawnctl ] || cp -a "$f" /etc/ssh/
-        done
-        ln -s /root/.ssh /etc/ssh/nspawnctl
-        mv /var/log /var/log.moved && mkdir /var/log
-        ln -s {CANARY}/dir /var/log/journal
-        """,
-    )
-    stop(host, "binds")
-    # The next connection boots it. sshd reads the keys through the planted link, from
-    # where the bind landed: the guest's /root/.ssh, not the host's.
-    assert in_guest(host, "binds", f"ls /root/.ssh {CANARY}/dir").split() == [
-        "/root/.ssh:",
-        "authorized_keys.root",
-        f"{CANARY}/dir:",
-        machine_id,
-    ]
-    assert host.run(["ls", "-la", "/root/.ssh"], check=False).stdout == hosts_ssh
-    nspawnctl(host, "remove", "binds")
-    assert leftovers(host, "binds") == []
-
-
 def test_a_deep_tree_and_a_huge_sparse_file_are_nothing_special(
     host: TestHost, canaries: str
 ) -> None:
