@@ -54,12 +54,17 @@ def text() -> str:
 def raise_limits(paths: Paths, containers: int, proc: Path = Path("/proc/sys")) -> None:
     """Keep the file, and raise each limit now where the kernel has less (never lower
     one the admin raised further). Where /proc/sys is read-only (a container host),
-    warn only if the containers defined here need more than the kernel allows."""
+    warn only if the containers defined here need more than the kernel allows. Never
+    fails: it runs once the container is added."""
     path = paths.sysctl_dir / FILE_NAME
     if path.exists() and not is_ours(path):
         log.info("%s is not nspawnctl's: the kernel limits in it are the admin's", path)
     elif not same_text(path, text()):
-        write_atomic(path, text())
+        try:
+            write_atomic(path, text())
+        except OSError as err:
+            # The container is added by now: this is advice to the host, not its failure.
+            log.warning("cannot keep the kernel limits in %s: %s", path, err.strerror or err)
     for limit in LIMITS:
         _raise(limit, containers, proc / limit.proc_path)
 

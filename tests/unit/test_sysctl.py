@@ -67,3 +67,15 @@ def test_a_limit_that_cannot_be_raised_warns_only_when_short(
         assert not caplog.records
         sysctl._raise(limit, current + 1, fixed)
     assert "kernel.ngroups_max" in caplog.text and f"short for {current + 1}" in caplog.text
+
+
+def test_a_file_that_cannot_be_written_is_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths, proc = host(tmp_path, 128)
+    paths.sysctl_dir.parent.mkdir(exist_ok=True)
+    paths.sysctl_dir.write_text("a file where the directory should be\n")
+    with caplog.at_level(logging.WARNING, logger="nspawnctl"):
+        sysctl.raise_limits(paths, containers=1, proc=proc)
+    assert "cannot keep the kernel limits" in caplog.text
+    assert (proc / INOTIFY).read_text() == "8192\n"  # raised all the same
