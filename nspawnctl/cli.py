@@ -16,6 +16,7 @@ from nspawnctl.commands import (
     image,
     lifecycle,
     logs,
+    metrics,
     remove,
     settings,
     show,
@@ -25,11 +26,25 @@ from nspawnctl.errors import Exit, NspawnctlError, from_os_error
 from nspawnctl.log import log, setup
 from nspawnctl.paths import Paths, environment_variables
 
-# Verbs that touch nothing on the host, not even to settle an interrupted change.
-_PURE_VERBS = frozenset({"render"})
+# Verbs that touch no container, so they do not settle an interrupted change first: a
+# scrape or a monitor must neither wait for another nspawnctl nor finish its work.
+_PURE_VERBS = frozenset({"render", "metrics", "top"})
 
 # In the order `--help` lists them; each module registers its verbs.
-_COMMAND_MODULES = (add, apply, remove, show, lifecycle, settings, logs, exec, which, backup, image)
+_COMMAND_MODULES = (
+    add,
+    apply,
+    remove,
+    show,
+    metrics,
+    lifecycle,
+    settings,
+    logs,
+    exec,
+    which,
+    backup,
+    image,
+)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -7,7 +7,6 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from nspawnctl.config import ContainerConfig
 from nspawnctl.errors import ConfigError
@@ -54,44 +53,6 @@ def _parse(local: str, protocol: str) -> Listen | None:
         return Listen(int(port), ipaddress.ip_address(host), protocol)
     except ValueError:
         return None
-
-
-_LISTEN_STATE = "0A"  # TCP_LISTEN in /proc/net/tcp
-
-
-def waiting_connections(listen: Listen, proc_net: Path = Path("/proc/net")) -> int:
-    """Connections the kernel has accepted for a host socket that nobody has taken off
-    its queue yet: for a running container, ones its guest does not serve (its own
-    socket unit stopped or failed). From the kernel's table (a listening socket's
-    rx_queue is its accept queue), not from the guest, which could say anything."""
-    if listen.protocol != "tcp":
-        return 0
-    waiting = 0
-    for table in ("tcp", "tcp6"):
-        try:
-            lines = (proc_net / table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 5 or fields[3] != _LISTEN_STATE:
-                continue
-            address, _sep, port = fields[1].rpartition(":")
-            if int(port, 16) != listen.port or not _same_address(address, listen):
-                continue
-            waiting += int(fields[4].partition(":")[2], 16)
-    return waiting
-
-
-def _same_address(hex_address: str, listen: Listen) -> bool:
-    """Whether the kernel's hex address (in host byte order, 32 bits at a time) is the
-    one `listen` binds; None binds every address (`::`, dual-stack)."""
-    raw = bytes.fromhex(hex_address)
-    packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    address = ipaddress.ip_address(packed)
-    if listen.address is None:
-        return address.is_unspecified
-    return address == listen.address
 
 
 def check_host_ports(config: ContainerConfig, listeners: list[Listener]) -> None:

@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nspawnctl.atomic import same_text, write_atomic
-from nspawnctl.bus import Systemd
+from nspawnctl.bus import Systemd, UnitState
 from nspawnctl.config import ContainerConfig, load_config
 from nspawnctl.conflicts import check_conflicts, check_host_ports, host_listeners
 from nspawnctl.errors import ConfigError, OperationError, UsageError
+from nspawnctl.events import forget as forget_events
 from nspawnctl.faults import checkpoint
 from nspawnctl.guesttree import remove_tree
 from nspawnctl.hold import open_hold_file
@@ -43,6 +44,20 @@ from nspawnctl.userns import (
     unmount,
     version_of,
 )
+
+# What a container is, by its unit's state.
+_CONTAINER_STATE = {
+    "active": "running",
+    "reloading": "running",
+    "inactive": "stopped",
+    "activating": "booting",
+    "deactivating": "stopping",
+    "failed": "failed",
+}
+
+
+def container_state(state: UnitState) -> str:
+    return _CONTAINER_STATE.get(state.active, state.active)
 
 
 def config_names(paths: Paths) -> list[str]:
@@ -406,6 +421,7 @@ def _remove(paths: Paths, name: str, systemd: Systemd, *, keep_rootfs: bool) -> 
         with contextlib.suppress(FileNotFoundError, OSError):
             root.rmdir()
     paths.hold_file(name).unlink(missing_ok=True)
+    forget_events(paths, name)
     with contextlib.suppress(FileNotFoundError):
         config_path.unlink()
 

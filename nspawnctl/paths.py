@@ -83,6 +83,15 @@ class Paths:
     def machine_dir(self, name: str) -> Path:
         return self.machines_dir / name
 
+    def environment(self) -> dict[str, str]:
+        """The variables that make another nspawnctl (one a unit runs) use these
+        locations: those that are not the defaults."""
+        return {
+            var: str(getattr(self, attr))
+            for attr, var, default in _LOCATIONS
+            if getattr(self, attr) != Path(default)
+        }
+
 
 def environment_variables() -> dict[str, str]:
     """The variable of each location, for --help and the man page test."""

@@ -13,6 +13,7 @@ packages=(
     openssh-client        # ssh-keygen for guest host keys; ssh for the tests
     rsync                 # the tests copy files to and from a guest, as users do
     iproute2              # ss, for the tests
+    tmux                  # the tests drive `nspawnctl top` on a terminal
     groff-base man-db     # the man page test renders the pages
     qemu-system-x86 linux-image-cloud-amd64   # the VM tests boot a whole VM host (tests/vm)
 )

@@ -11,8 +11,7 @@ from typing import Any
 from nspawnctl.bus import Systemd, UnitState, text
 from nspawnctl.commands import add_name, add_verbs
 from nspawnctl.config import ContainerConfig, load_config
-from nspawnctl.conflicts import waiting_connections
-from nspawnctl.container import load_all, require_installed, units_of
+from nspawnctl.container import container_state, load_all, require_installed, units_of
 from nspawnctl.errors import ConfigError, Exit
 from nspawnctl.guesttree import disk_usage
 from nspawnctl.layers import Layer, mounted_lower
@@ -22,16 +21,10 @@ from nspawnctl.paths import Paths
 from nspawnctl.resources import KEYS as RESOURCE_KEYS
 from nspawnctl.screen import shown
 from nspawnctl.store import ImageStore
+from nspawnctl.tcp import TcpTable
 from nspawnctl.userns import RANGE, base_of
 
 _UNSET = 2**64 - 1  # systemd's "no value" for counters such as MemoryCurrent
-_CONTAINER_STATE = {
-    "active": "running",
-    "inactive": "stopped",
-    "activating": "booting",
-    "deactivating": "stopping",
-    "failed": "failed",
-}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -55,7 +48,7 @@ def _socket_state(state: UnitState) -> str:
 
 
 def _container_state(state: UnitState) -> str:
-    return _CONTAINER_STATE.get(state.active, state.active) if state.load == "loaded" else "-"
+    return container_state(state) if state.load == "loaded" else "-"
 
 
 def _unloaded(paths: Paths, name: str, unit: str) -> UnitState:
@@ -139,6 +132,7 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
             for unit, state in states.items()
             if state.active == "failed"
         }
+    tcp = TcpTable.read()
     return {
         "name": name,
         "config": str(paths.config_file(name)),
@@ -146,7 +140,7 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
         "listen": [str(listen) for _key, listen in config.listens()] if config else [],
         # Connections in the host's queue that nothing has taken yet (see run_status).
         "waiting": (
-            {str(listen): waiting_connections(listen) for _key, listen in config.listens()}
+            {str(listen): tcp.waiting_on(listen) for _key, listen in config.listens()}
             if config
             else {}
         ),

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from nspawnctl import cli, config, paths, pubkeys
+from nspawnctl.metrics import FAMILIES
 from nspawnctl.schema import dotted_keys
 
 MAN_DIR = Path(__file__).resolve().parents[2] / "man"
@@ -232,6 +233,13 @@ def test_no_entry_for_a_variable_that_does_not_exist() -> None:
 
 
 # --- nspawnctl.yaml(5) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", FAMILIES)
+def test_every_metric_is_named_in_the_metrics_entry(metric: str) -> None:
+    assert mentions(entries_by_first_word(PAGE_1, "COMMANDS")["metrics"], metric), (
+        f"nspawnctl.1: the entry of `metrics` does not name {metric}"
+    )
 
 
 @pytest.mark.parametrize("key", config.KNOWN_KEYS)
