@@ -132,15 +132,18 @@ def record_command(paths: Paths, name: str, event: str) -> str:
     return f'/bin/sh -c "{quoted.replace("$", "$$").replace("%", "%%")}"'
 
 
-def read_counts(paths: Paths, name: str, *, fold: bool = True) -> Counts:
-    """The container's counts. With `fold` (and the right to write there), a long file is
-    folded into one line first."""
+def read_counts(paths: Paths, name: str, *, fold: bool = True) -> Counts | None:
+    """The container's counts; None if they cannot be read (a user who is not root):
+    zeros would look like a reset. With `fold` (and the right to write there), a long
+    file is folded into one line first."""
     file = events_file(paths, name)
     try:
         with open(file, "rb") as f:
             data = f.read(_FOLD_AT * 64)  # bounded even if folding never can
+    except FileNotFoundError:
+        return Counts()  # never booted since it was added
     except OSError:
-        return Counts()
+        return None
     counts = _counted(data)
     if fold and len(data) >= _FOLD_AT:
         try:

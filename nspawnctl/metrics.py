@@ -41,7 +41,7 @@ class Sample:
     socket_failed: bool
     connections: int  # open to its listen addresses: served and waiting
     waiting: int  # in the host's queue, taken by nobody yet
-    counts: Counts
+    counts: Counts | None  # None: not readable by this user
     usage: Usage
 
 
@@ -150,6 +150,20 @@ class _Lines:
         return "\n".join(out) + "\n"
 
 
+def _counts(out: _Lines, c: str, counts: Counts) -> None:
+    out.add("nspawnctl_container_cold_starts_total", c, counts.starts)
+    boot, cumulative = "nspawnctl_container_boot_seconds", 0
+    for bound, count in zip((*BOOT_BUCKETS, None), counts.boot_buckets, strict=True):
+        cumulative += count
+        le = "+Inf" if bound is None else repr(bound)
+        out.add(boot, f'{c},le="{le}"', cumulative, "_bucket")
+    out.add(boot, c, counts.boot_seconds_sum, "_sum")
+    out.add(boot, c, counts.boots, "_count")
+    out.add("nspawnctl_container_idle_poweroffs_total", c, counts.guest_poweroffs)
+    out.add("nspawnctl_container_reboots_total", c, counts.reboots)
+    out.add("nspawnctl_container_failures_total", c, counts.failures)
+
+
 def exposition(samples: Sequence[Sample], config_errors: int) -> str:
     """The Prometheus text format of `samples`."""
     out = _Lines()
@@ -162,18 +176,8 @@ def exposition(samples: Sequence[Sample], config_errors: int) -> str:
         out.add("nspawnctl_container_socket_failed", c, int(s.socket_failed))
         out.add("nspawnctl_container_connections", c, s.connections)
         out.add("nspawnctl_container_connections_waiting", c, s.waiting)
-        counts = s.counts
-        out.add("nspawnctl_container_cold_starts_total", c, counts.starts)
-        boot, cumulative = "nspawnctl_container_boot_seconds", 0
-        for bound, count in zip((*BOOT_BUCKETS, None), counts.boot_buckets, strict=True):
-            cumulative += count
-            le = "+Inf" if bound is None else repr(bound)
-            out.add(boot, f'{c},le="{le}"', cumulative, "_bucket")
-        out.add(boot, c, counts.boot_seconds_sum, "_sum")
-        out.add(boot, c, counts.boots, "_count")
-        out.add("nspawnctl_container_idle_poweroffs_total", c, counts.guest_poweroffs)
-        out.add("nspawnctl_container_reboots_total", c, counts.reboots)
-        out.add("nspawnctl_container_failures_total", c, counts.failures)
+        if s.counts is not None:
+            _counts(out, c, s.counts)
         u = s.usage
         out.add("nspawnctl_container_memory_bytes", c, u.memory_bytes)
         out.add("nspawnctl_container_memory_limit_bytes", c, u.memory_limit_bytes)

@@ -85,13 +85,29 @@ def test_a_long_file_is_folded_into_one_line_and_counts_the_same(paths: Paths) -
     file.write_text("\n".join([*boots, "start 30.0"]) + "\n")
     unfolded = read_counts(paths, "web", fold=False)
     folded = read_counts(paths, "web")
-    assert folded == unfolded
+    assert unfolded is not None and folded == unfolded
     assert unfolded.starts == 1001 and unfolded.guest_poweroffs == 1000
     assert len(file.read_text().splitlines()) == 1
     # The boot in progress goes on after the fold.
     with file.open("a") as f:
         f.write("ready 30.4\n")
-    assert read_counts(paths, "web").boots == 1001
+    assert read_counts(paths, "web") == Counts(
+        starts=1001,
+        boot_seconds_sum=pytest.approx(1000 * 0.2 + 0.4),  # type: ignore[arg-type]
+        boot_buckets=(0, 1000, 1, *[0] * (len(BOOT_BUCKETS) - 2)),  # 0.2 s; 0.4 s
+        guest_poweroffs=1000,
+    )
+
+
+def test_counts_a_user_cannot_read_are_left_out_not_zero(paths: Paths) -> None:
+    file = events.events_file(paths, "web")
+    file.parent.mkdir(parents=True)
+    file.mkdir()  # unreadable as a file, as root's 0700 directory is to a user
+    assert read_counts(paths, "web") is None
+    assert read_counts(paths, "never-booted") == Counts()
+    text = exposition([sample("web", counts=None)], 0)
+    assert "nspawnctl_container_cold_starts_total{" not in text
+    assert 'nspawnctl_container_state{container="web",state="running"} 1' in text
 
 
 def sample(name: str, **changes: object) -> Sample:

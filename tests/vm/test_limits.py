@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.vm.conftest import nspawnctl, ssh, unit_property
 from tests.vm.vmhost import CLIENT_KEY, VM, timed, wait_for
@@ -94,6 +95,25 @@ def test_limits_reach_the_kernel(vm: VM, containers: None) -> None:
     assert read(vm, f"{cgroup(LIMITED)}/cpu.max").strip() == "max 100000"
     assert read(vm, f"{cgroup(CALM)}/memory.max").strip() == "max"
     assert read(vm, f"{cgroup(CALM)}/pids.max").strip() != "300"  # the stock TasksMax
+
+
+def test_metrics_show_what_the_kernel_counts_for_each_container(vm: VM, containers: None) -> None:
+    """On a unified hierarchy every control-group figure of `nspawnctl metrics` is there,
+    read by Prometheus's own parser, and the limit is the one the kernel holds."""
+    values = {
+        (sample.name, sample.labels.get("container")): sample.value
+        for family in text_string_to_metric_families(nspawnctl(vm, "metrics").stdout)
+        for sample in family.samples
+        if set(sample.labels) <= {"container"}
+    }
+    for name in (LIMITED, CALM):
+        assert values[("nspawnctl_container_memory_bytes", name)] > 1 << 20
+        assert values[("nspawnctl_container_tasks", name)] >= 3  # init, journald, sshd
+        assert values[("nspawnctl_container_cpu_seconds_total", name)] > 0
+        assert ("nspawnctl_container_io_read_bytes_total", name) in values
+        assert values[("nspawnctl_container_cold_starts_total", name)] >= 1
+    assert values[("nspawnctl_container_memory_limit_bytes", LIMITED)] == 128 << 20
+    assert ("nspawnctl_container_memory_limit_bytes", CALM) not in values  # no limit
 
 
 def test_memory_hog_is_oom_killed_inside_its_container(vm: VM, containers: None) -> None:
