@@ -41,12 +41,20 @@ from nspawnctl.guesttree import copy_live, copy_tree, delete, remove_tree
 from nspawnctl.hold import held
 from nspawnctl.install import Undo, check_writable, restore_file, verify_units
 from nspawnctl.intent import Step, Transaction
-from nspawnctl.layers import MACHINE_ID, Layer, check_upper_filesystem, mounted_lower, reown_layer
+from nspawnctl.layers import (
+    MACHINE_ID,
+    Layer,
+    check_upper_filesystem,
+    mounted_lower,
+    prepare,
+    reown_layer,
+)
 from nspawnctl.log import log
 from nspawnctl.names import service_unit, socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.recipe import Recipe
 from nspawnctl.render import Rendering, host_targets
+from nspawnctl.resources import Resources
 from nspawnctl.store import ImageStore
 
 FORMAT = 1  # of manifest.json; a reader refuses a newer one
@@ -362,7 +370,7 @@ def rollback(paths: Paths, name: str, snap: str) -> Path:
     store = ImageStore(paths.image_dir)
     try:
         if not is_installed(paths, name) and not Layer.of(paths, name).path.exists():
-            _copy_layer(snapshot, staging)
+            _copy_layer(snapshot, staging, config.resources)
             add(paths, config, config_text, layer_from=staging)
             image = store.find(config.image)
             assert image is not None  # add has built it
@@ -389,7 +397,7 @@ def rollback(paths: Paths, name: str, snap: str) -> Path:
         verify_units(rendering.host, [socket_unit(name), service_unit(name)])
         for path in host_targets(paths, name).values():
             check_writable(path)
-        _copy_layer(snapshot, staging)
+        _copy_layer(snapshot, staging, config.resources)
         reown_layer(staging, uid_base)
         with Systemd.connect() as systemd:
             _swap(
@@ -406,8 +414,8 @@ def rollback(paths: Paths, name: str, snap: str) -> Path:
     return lower
 
 
-def _copy_layer(snapshot: Snapshot, staging: Layer) -> None:
-    staging.path.mkdir(mode=0o700)
+def _copy_layer(snapshot: Snapshot, staging: Layer, resources: Resources) -> None:
+    prepare(staging, resources)  # on a disk of its own, if the snapshot's YAML gives one
     copy_tree(snapshot.upper, staging.upper)
     staging.work.mkdir()
     # The identity the host kept when the snapshot was taken (checked again: a snapshot

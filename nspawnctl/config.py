@@ -427,6 +427,12 @@ def _resources(top: Section, name: str) -> Resources:
             resources = resources.with_value(key_name, raw)
         except ValueError as err:
             section.fail(key_name, str(err), hint="see resources under KEYS in nspawnctl.yaml(5)")
+    if resources.inodes is not None and resources.disk is None:
+        section.fail(
+            "inodes",
+            "limits the files of the container's own disk, and there is none",
+            hint="give resources.disk too",
+        )
     return resources
 
 

@@ -24,6 +24,7 @@ from nspawnctl.layers import (
     Layer,
     check_upper_filesystem,
     mounted_lower,
+    prepare,
     record_text,
     reown_layer,
     used_uid_bases,
@@ -32,6 +33,7 @@ from nspawnctl.log import log
 from nspawnctl.names import gate_unit, lower_unit, mount_unit, service_unit, socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.render import MachineState, Rendering, host_targets, render
+from nspawnctl.resources import Resources
 from nspawnctl.run import run
 from nspawnctl.store import Image, ImageStore
 from nspawnctl.sysctl import raise_limits
@@ -252,7 +254,15 @@ def add(
                 change.step(Step("file", str(config_path), previous))
                 write_atomic(config_path, config_text)
             change.step(Step("tree", str(layer.path)))
-            create_layer(layer, rendering, image.current, name, uid_base, base=layer_from)
+            create_layer(
+                layer,
+                rendering,
+                image.current,
+                name,
+                uid_base,
+                resources=config.resources,
+                base=layer_from,
+            )
             if not root.exists():
                 change.step(Step("rmdir", str(root)))
                 root.mkdir(parents=True)
@@ -295,6 +305,7 @@ def create_layer(
     name: str,
     uid_base: int,
     *,
+    resources: Resources,
     base: Layer | None = None,
 ) -> None:
     """The container's own files, in a layer built aside (or in `base`, which this takes
@@ -303,7 +314,8 @@ def create_layer(
     staging = base or Layer(layer.path.with_name(f".{name}.new-{os.getpid()}"))
     try:
         if base is None:
-            staging.upper.mkdir(parents=True)
+            prepare(staging, resources)
+            staging.upper.mkdir()
             staging.work.mkdir()
         # Through the layer's GuestTree: a link the guest of a layer taken over planted
         # on any of these paths is refused, never followed to the host's files.

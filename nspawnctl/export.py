@@ -45,7 +45,7 @@ from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.faults import checkpoint
 from nspawnctl.guesttree import delete, remove_tree
 from nspawnctl.hold import held
-from nspawnctl.layers import MACHINE_ID, Layer
+from nspawnctl.layers import MACHINE_ID, Layer, prepare
 from nspawnctl.names import check_machine_name
 from nspawnctl.paths import Paths
 from nspawnctl.recipe import TEMPLATE, Recipe, parse_image
@@ -160,8 +160,9 @@ def _import_layer(
     name = config.name
     staging = Layer(Layer.of(paths, name).path.with_name(f".{name}.import-{os.getpid()}"))
     try:
-        staging.path.mkdir(parents=True)
-        tar.extract(readable, staging.path, [UPPER])
+        prepare(staging, config.resources)
+        # Into the layer's own disk, if it has one.
+        tar.extract(readable, staging.upper.parent, [UPPER])
         staging.work.mkdir()
         # The archive's machine-id is data: taken only if it is one and no container of
         # this host has it (two would share one journal); else a new identity.

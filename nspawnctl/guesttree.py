@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from nspawnctl.errors import OperationError
+from nspawnctl.mounts import beneath
 from nspawnctl.run import run
 
 # Files nspawnctl reads from a guest are its own small ones (a machine-id, a unit it
@@ -321,8 +322,12 @@ def remove_tree(path: Path) -> None:
 
 
 def delete(path: Path) -> None:
-    """Delete a tree now (a hidden leftover, a staging directory)."""
+    """Delete a tree now (a hidden leftover, a staging directory). What nspawnctl mounted
+    in it (a layer's own disk, disk.py) is unmounted first; rm stays on one file system
+    and would leave it, and its mount point, behind."""
     if os.path.lexists(path):
+        for point in beneath(path):
+            run(["umount", point])
         run(["rm", "-rf", "--one-file-system", "--", path])
 
 

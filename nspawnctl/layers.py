@@ -19,11 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 
 from nspawnctl.atomic import write_atomic
+from nspawnctl.disk import attach, has_disk, mount_point
+from nspawnctl.disk import make as make_disk
 from nspawnctl.errors import OperationError
 from nspawnctl.guesttree import DirMaker, GuestTree
+from nspawnctl.mounts import mounts, unescape
 from nspawnctl.paths import Paths
+from nspawnctl.resources import Resources
 from nspawnctl.run import run
-from nspawnctl.userns import base_of, shift_ownership, unescape_mountinfo, version_of
+from nspawnctl.userns import base_of, shift_ownership, version_of
 
 MACHINE_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -41,21 +45,29 @@ class Layer:
         """Where every container's layer is."""
         return paths.layers_dir
 
+    def _holder(self, disk: bool | None = None) -> Path:
+        """Where upper/ and work/ are: on the layer's own disk if it has one (disk.py)."""
+        on_disk = has_disk(self.path) if disk is None else disk
+        return mount_point(self.path) if on_disk else self.path
+
     @property
     def upper(self) -> Path:
-        return self.path / "upper"
+        return self._holder() / "upper"
 
     @property
     def work(self) -> Path:
-        return self.path / "work"
+        return self._holder() / "work"
 
     @property
     def uid_base(self) -> int:
         """Host uid of the guest's uid 0 (0: the container has no user namespace)."""
         return base_of(self.upper)
 
-    def mount_options(self, lower: Path) -> str:
-        return f"lowerdir={lower},upperdir={self.upper},workdir={self.work}"
+    def mount_options(self, lower: Path, *, disk: bool) -> str:
+        """The overlay's options; `disk`: whether the layer has (or is to have) a disk of
+        its own, which the YAML says before the layer is made."""
+        holder = self._holder(disk)
+        return f"lowerdir={lower},upperdir={holder / 'upper'},workdir={holder / 'work'}"
 
     @property
     def tree(self) -> GuestTree:
@@ -160,6 +172,28 @@ def checked_machine_id(text: str, where: str) -> str:
     return text
 
 
+def prepare(layer: Layer, resources: Resources) -> None:
+    """The directory of a layer being built (a staging one), with its own disk, mounted,
+    if the YAML gives one (`resources.disk`); its upper/ and work/ are made there next."""
+    layer.path.mkdir(mode=0o700, parents=True)
+    if resources.disk is not None:
+        make_disk(layer.path, resources.disk, resources.inodes)
+
+
+def attach_disks(layers_dir: Path) -> None:
+    """Mount the disk of every layer that has one and is not mounted (after a reboot,
+    before its container started): nspawnctl then finds every layer where it is."""
+    points = {mount.where for mount in mounts()}
+    for entry in os.scandir(layers_dir) if layers_dir.is_dir() else ():
+        layer_dir = Path(entry.path)
+        if (
+            entry.is_dir(follow_symlinks=False)
+            and has_disk(layer_dir)
+            and mount_point(layer_dir) not in points
+        ):
+            attach(layer_dir)
+
+
 def reown_layer(layer: Layer, base: int) -> None:
     """Move a layer into uid range `base` (0: for a container without a user namespace),
     from whichever range it is in: for a layer that comes from another container or
@@ -196,16 +230,13 @@ def overlay_lowers() -> dict[Path, Path]:
     """Every overlay mount of this namespace: mount point -> the image version under it
     (its first lower directory, or the image version an ID-mapped lower shows)."""
     found = {}
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            separator = fields.index("-")
-            if fields[separator + 1] != "overlay":
-                continue
-            for option in fields[separator + 3].split(","):
-                if option.startswith("lowerdir="):
-                    lower = unescape_mountinfo(option.removeprefix("lowerdir=")).split(":")[0]
-                    found[Path(unescape_mountinfo(fields[4]))] = version_of(Path(lower))
+    for mount in mounts():
+        if mount.fstype != "overlay":
+            continue
+        for option in mount.options:
+            if option.startswith("lowerdir="):
+                lower = unescape(option.removeprefix("lowerdir=")).split(":")[0]
+                found[mount.where] = version_of(Path(lower))
     return found
 
 

@@ -17,9 +17,12 @@ from nspawnctl.bus import Systemd, UnitState
 from nspawnctl.cgroup import Usage, usage
 from nspawnctl.conflicts import host_listeners
 from nspawnctl.container import container_state, load_all
+from nspawnctl.disk import Use
+from nspawnctl.disk import use as disk_use
 from nspawnctl.errors import ConfigError, UsageError
 from nspawnctl.events import BOOT_BUCKETS, Counts, read_counts
 from nspawnctl.install import Undo, remove_file
+from nspawnctl.layers import Layer
 from nspawnctl.listen import Listen
 from nspawnctl.log import log
 from nspawnctl.names import service_unit, socket_unit
@@ -43,6 +46,7 @@ class Sample:
     waiting: int  # in the host's queue, taken by nobody yet
     counts: Counts | None  # None: not readable by this user
     usage: Usage
+    disk: Use | None = None  # its own disk (resources.disk), as the guest's df sees it
 
 
 def collect(paths: Paths, *, fold: bool = True) -> tuple[list[Sample], list[ConfigError]]:
@@ -69,6 +73,7 @@ def collect(paths: Paths, *, fold: bool = True) -> tuple[list[Sample], list[Conf
                 waiting=sum(tcp.waiting_on(listen) for listen in listens),
                 counts=read_counts(paths, name, fold=fold),
                 usage=usage(name) if state != "stopped" else Usage(),
+                disk=disk_use(Layer.of(paths, name).path) if config.resources.disk else None,
             )
         )
     return samples, errors
@@ -116,6 +121,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
         "counter",
         "Times the container's unit ended failed: a boot that did not come up, a crash.",
     ),
+    "nspawnctl_container_disk_bytes": ("gauge", "Bytes used on its own disk (resources.disk)."),
+    "nspawnctl_container_disk_limit_bytes": ("gauge", "Size of its own disk."),
+    "nspawnctl_container_disk_inodes": ("gauge", "Files (inodes) on its own disk."),
+    "nspawnctl_container_disk_inodes_limit": ("gauge", "Files its own disk can hold."),
     "nspawnctl_container_memory_bytes": ("gauge", "Memory in use."),
     "nspawnctl_container_memory_limit_bytes": ("gauge", "Memory limit (resources.memory)."),
     "nspawnctl_container_cpu_seconds_total": ("counter", "CPU time used, this boot."),
@@ -178,6 +187,11 @@ def exposition(samples: Sequence[Sample], config_errors: int) -> str:
         out.add("nspawnctl_container_connections_waiting", c, s.waiting)
         if s.counts is not None:
             _counts(out, c, s.counts)
+        if s.disk is not None:
+            out.add("nspawnctl_container_disk_bytes", c, s.disk.bytes_used)
+            out.add("nspawnctl_container_disk_limit_bytes", c, s.disk.bytes_total)
+            out.add("nspawnctl_container_disk_inodes", c, s.disk.inodes_used)
+            out.add("nspawnctl_container_disk_inodes_limit", c, s.disk.inodes_total)
         u = s.usage
         out.add("nspawnctl_container_memory_bytes", c, u.memory_bytes)
         out.add("nspawnctl_container_memory_limit_bytes", c, u.memory_limit_bytes)

@@ -19,6 +19,8 @@ from nspawnctl.container import (
     rendering_for,
     stop_container,
 )
+from nspawnctl.disk import has_disk, resize
+from nspawnctl.disk import size_of as disk_size
 from nspawnctl.errors import ConfigError, OperationError
 from nspawnctl.guesttree import GuestPathError
 from nspawnctl.hold import held
@@ -63,6 +65,8 @@ class Plan:
     # Guest files changed in the guest that the YAML says nothing new for: left be.
     kept: tuple[PurePosixPath, ...] = ()
     record: str = ""  # the layer's record of what nspawnctl wrote, once this is done
+    # The size the layer's own disk is to get (disk.py); None: it keeps its size.
+    disk_size: int | None = None
 
     @property
     def name(self) -> str:
@@ -162,7 +166,57 @@ def plan(paths: Paths, config: ContainerConfig, config_text: str) -> Plan:
     if installed is not None:
         changes += _retired_keys(layer, installed)
     written = record_text((f.path, f.text) for f in rendering.guest)
-    return Plan(paths, config, lower, tuple(changes), tuple(kept), written)
+    disk_size = _disk_change(config, installed, layer)
+    return Plan(paths, config, lower, tuple(changes), tuple(kept), written, disk_size)
+
+
+def _disk_change(
+    config: ContainerConfig, installed: ContainerConfig | None, layer: Layer
+) -> int | None:
+    """The new size of the layer's own disk, if it changes. Whether a container has a
+    disk is fixed when it is made, and so is the disk's inode count."""
+    if installed is None or not layer.path.exists():
+        return None
+    wanted, has = config.resources.disk, has_disk(layer.path)
+    if wanted is not None and not has:
+        raise ConfigError(
+            config.source,
+            "resources.disk",
+            f"container {config.name!r} was made without a disk of its own; "
+            "one is given only when a container is made",
+            hint=f"`nspawnctl export {config.name} FILE`, remove it, and import it with this YAML",
+        )
+    if wanted is None and has:
+        raise ConfigError(
+            config.source,
+            "resources.disk",
+            f"container {config.name!r} was made with a disk of its own; it keeps one",
+            hint="give its size; to do without, export it, remove it and import it",
+        )
+    if wanted is None:
+        return None
+    if config.resources.inodes != installed.resources.inodes:
+        raise ConfigError(
+            config.source,
+            "resources.inodes",
+            "is fixed when the container's disk is made",
+            hint=f"keep {installed.resources.inodes or 'it unset'}; or export, remove, import",
+        )
+    return None if disk_size(layer.path) == wanted else wanted
+
+
+def resize_disk(systemd: Systemd, plan: Plan, verb: str) -> None:
+    """Give the layer's own disk its new size: live if it grows; if it shrinks, held
+    stopped meanwhile, and refused while the container runs."""
+    assert plan.disk_size is not None
+    layer = Layer.of(plan.paths, plan.name)
+    with held(systemd, plan.paths, plan.name) as running:
+        # A running container has its root mounted on the disk; a stopped one only the
+        # disk itself, which a shrink unmounts for a moment.
+        resize(layer.path, plan.disk_size, running=running)
+    log.info(
+        "%s: %s: its disk is %s now", plan.name, verb, plan.config.resources.yaml_data()["disk"]
+    )
 
 
 def check_listens(paths: Paths, plan: Plan) -> None:
@@ -182,9 +236,11 @@ def carry_out(systemd: Systemd, plan: Plan, *, restart: bool = True, verb: str =
     container that boots with what changed is powered off first and booted again after
     (unless `restart` is false: then it takes the change at its next boot). Returns
     whether the container was restarted."""
+    name, paths = plan.name, plan.paths
+    if plan.disk_size is not None:
+        resize_disk(systemd, plan, verb)
     if not plan.changes:
         return False
-    name, paths = plan.name, plan.paths
     for change in plan.changes:
         if change.guest is None and change.path != plan.config.source:  # the YAML is the user's
             check_writable(change.path)

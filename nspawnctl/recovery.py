@@ -11,6 +11,7 @@ from nspawnctl.bus import Systemd
 from nspawnctl.errors import NspawnctlError
 from nspawnctl.guesttree import remove_tree
 from nspawnctl.intent import Record, abandoned, take_back
+from nspawnctl.layers import attach_disks
 from nspawnctl.log import log
 from nspawnctl.paths import Paths, make_private
 from nspawnctl.store import ImageStore
@@ -23,10 +24,8 @@ def settle(paths: Paths) -> list[str]:
     of a guest's is put there."""
     make_private(paths)
     directory = paths.intent_dir
-    if not directory.is_dir():
-        return []
     settled = []
-    for path, record in abandoned(directory):
+    for path, record in abandoned(directory) if directory.is_dir() else ():
         if record.forward:
             # Finishing makes a record of its own; this one goes first, so that a kill
             # while finishing leaves exactly one record to settle next time.
@@ -38,7 +37,10 @@ def settle(paths: Paths) -> list[str]:
         what = "finished" if record.forward else "took back"
         log.warning("%s an interrupted `%s %s`", what, record.verb, record.name)
         settled.append(f"{record.verb} {record.name}")
-    _sweep_leftovers(paths)
+    if directory.is_dir():
+        _sweep_leftovers(paths)
+    if os.geteuid() == 0:
+        attach_disks(paths.layers_dir)
     return settled
 
 

@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from nspawnctl.config import ContainerConfig
+from nspawnctl.disk import image_of, mount_point
 from nspawnctl.errors import UsageError
 from nspawnctl.events import events_dir, events_file, record_command
 from nspawnctl.layers import Layer, checked_machine_id
@@ -38,6 +39,7 @@ _GUEST_MODES = {
 _WHEN: dict[str, Callable[[ContainerConfig], bool]] = {
     "container.network.j2": lambda c: c.network.gateway is not None,
     "container.lower.j2": lambda c: c.security.user_namespace,
+    "container.disk.j2": lambda c: c.resources.disk is not None,
     "etc/systemd/network/50-nspawnctl.network.j2": lambda c: c.network.address is not None,
     "etc/systemd/system/multi-user.target.d/nspawnctl-network.conf.j2": lambda c: (
         c.network.mode in ("veth", "zone", "bridge")
@@ -146,6 +148,7 @@ def host_targets(paths: Paths, name: str) -> dict[str, Path]:
         "container.mount.j2": paths.unit_dir / mount_unit(paths.machine_dir(name)),
         "container.lower.j2": paths.unit_dir / lower_unit(name),
         "container.gate.j2": paths.unit_dir / gate_unit(name),
+        "container.disk.j2": paths.unit_dir / mount_unit(mount_point(Layer.of(paths, name).path)),
         "authorized_keys.j2": keys_dir(paths, name) / "authorized_keys.root",
     }
 
@@ -192,7 +195,12 @@ def render(config: ContainerConfig, paths: Paths, state: MachineState) -> Render
         "machine_id": checked_machine_id(state.machine_id, "machine-id"),
         "image": config.image.image,
         "mount_unit": mount_unit(paths.machine_dir(name)),
-        "overlay_options": layer.mount_options(lower_path(state.lower, state.uid_base)),
+        "overlay_options": layer.mount_options(
+            lower_path(state.lower, state.uid_base), disk=config.resources.disk is not None
+        ),
+        # The layer's own disk (disk.py), mounted before its overlay.
+        "disk_dir": str(mount_point(layer.path)) if config.resources.disk else None,
+        "disk_image": str(image_of(layer.path)),
         "uid_base": state.uid_base,
         "lower_unit": lower_unit(name),
         "gate_unit": gate_unit(name),

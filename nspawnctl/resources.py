@@ -16,22 +16,31 @@ _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(?:i?B)?\Z", re.IGNORECASE)
 _PERCENT_RE = re.compile(r"^(\d+)\s*%\Z")
 _MIN_MEMORY = 16 << 20  # less cannot boot systemd, sshd and a shell
+_MIN_DISK = 64 << 20
 _MAX_TASKS = 4194304  # the kernel's pid_max limit
 
 
-def parse_size(value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        match = _SIZE_RE.match(str(value).strip())
-        if not match or not isinstance(value, str):
-            raise ValueError(f"{value!r} is not a size; e.g. 512M, 2G or bytes")
-        size = int(match.group(1)) * _SIZE_SUFFIXES[match.group(2).upper()]
-    if size < _MIN_MEMORY:
-        raise ValueError(f"{value!r} is less than 16M, too little to boot a container")
-    if size >= 1 << 60:
-        raise ValueError(f"{value!r} is more memory than any machine has")
-    return size
+def _size(minimum: int, too_small: str) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        else:
+            match = _SIZE_RE.match(str(value).strip())
+            if not match or not isinstance(value, str):
+                raise ValueError(f"{value!r} is not a size; e.g. 512M, 2G or bytes")
+            size = int(match.group(1)) * _SIZE_SUFFIXES[match.group(2).upper()]
+        if size < minimum:
+            raise ValueError(f"{value!r} is less than {_format_size(minimum)}, {too_small}")
+        if size >= 1 << 60:
+            raise ValueError(f"{value!r} is more than any machine has")
+        return size
+
+    return parse
+
+
+parse_size = _size(_MIN_MEMORY, "too little to boot a container")
+# The layer's own file system: its journal and metadata take a few MB of it.
+parse_disk = _size(_MIN_DISK, "too little for a container's own files")
 
 
 def parse_cpu(value: object) -> int:
@@ -65,19 +74,23 @@ def _format_size(size: int) -> str:
 @dataclass(frozen=True)
 class _Key:
     parse: Callable[[object], int]
-    unit_name: str  # in a unit file
-    unit_value: Callable[[int], str]
     yaml_value: Callable[[int], Any]
-    # Over D-Bus: the property's name (signature `t`).
-    bus_name: str
+    # A property of the container's unit: its name in a unit file, its value there, and
+    # its name over D-Bus (signature `t`, where `status` reads what systemd holds).
+    # None: not systemd's (the disk keys: the layer's own file system, disk.py).
+    unit_name: str | None = None
+    unit_value: Callable[[int], str] = str
+    bus_name: str | None = None
 
 
 KEYS: dict[str, _Key] = {
-    "memory": _Key(parse_size, "MemoryMax", str, _format_size, "MemoryMax"),
+    "memory": _Key(parse_size, _format_size, "MemoryMax", str, "MemoryMax"),
     # CPUQuota=50% is half a second of CPU time per second.
-    "cpu": _Key(parse_cpu, "CPUQuota", lambda p: f"{p}%", lambda p: f"{p}%", "CPUQuotaPerSecUSec"),
-    "tasks": _Key(_integer(16, _MAX_TASKS, "512"), "TasksMax", str, int, "TasksMax"),
-    "io_weight": _Key(_integer(1, 10_000, "100"), "IOWeight", str, int, "IOWeight"),
+    "cpu": _Key(parse_cpu, lambda p: f"{p}%", "CPUQuota", lambda p: f"{p}%", "CPUQuotaPerSecUSec"),
+    "tasks": _Key(_integer(16, _MAX_TASKS, "512"), int, "TasksMax", str, "TasksMax"),
+    "io_weight": _Key(_integer(1, 10_000, "100"), int, "IOWeight", str, "IOWeight"),
+    "disk": _Key(parse_disk, _format_size),
+    "inodes": _Key(_integer(1024, (1 << 32) - 1, "100000"), int),
 }
 
 
@@ -90,6 +103,8 @@ class Resources:
     cpu: int | None = None  # percent of one CPU
     tasks: int | None = None
     io_weight: int | None = None
+    disk: int | None = None  # bytes of the layer's own file system (disk.py)
+    inodes: int | None = None  # files it can hold; with `disk` only
 
     def items(self) -> Iterator[tuple[str, int]]:
         for field in fields(self):
@@ -99,7 +114,11 @@ class Resources:
 
     def unit_lines(self) -> list[str]:
         """`Name=value` lines for the [Service] section of the container's unit."""
-        return [f"{KEYS[k].unit_name}={KEYS[k].unit_value(v)}" for k, v in self.items()]
+        return [
+            f"{KEYS[k].unit_name}={KEYS[k].unit_value(v)}"
+            for k, v in self.items()
+            if KEYS[k].unit_name is not None
+        ]
 
     def yaml_data(self) -> dict[str, Any]:
         return {k: KEYS[k].yaml_value(v) for k, v in self.items()}

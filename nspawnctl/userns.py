@@ -29,6 +29,7 @@ from pathlib import Path
 from nspawnctl import idmap
 from nspawnctl.errors import OperationError
 from nspawnctl.guesttree import walk
+from nspawnctl.mounts import mounts
 from nspawnctl.run import run
 
 RANGE = idmap.RANGE
@@ -63,12 +64,11 @@ class IdmappedLower:
 def idmapped_lowers() -> list[IdmappedLower]:
     """The ID-mapped image binds of this mount namespace (see lower_path)."""
     found = []
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            where = Path(unescape_mountinfo(line.split()[4]))
-            version = version_of(where)
-            if version != where:
-                found.append(IdmappedLower(where, int(where.parts[len(IDMAP_ROOT.parts)]), version))
+    for mount in mounts():
+        where = mount.where
+        version = version_of(where)
+        if version != where:
+            found.append(IdmappedLower(where, int(where.parts[len(IDMAP_ROOT.parts)]), version))
     return found
 
 
@@ -220,8 +220,3 @@ def _shift_caps(caps: bytes, shift: Callable[[int], int]) -> bytes:
     if magic & 0xFF000000 != _CAPS_V3 or len(caps) < 24:
         return caps
     return caps[:20] + struct.pack("<I", shift(struct.unpack_from("<I", caps, 20)[0]))
-
-
-def unescape_mountinfo(text: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    return text.encode().decode("unicode_escape") if "\\" in text else text

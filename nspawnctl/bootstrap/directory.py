@@ -11,7 +11,6 @@ the top is made empty here, because cp copies whatever it is given as an argumen
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from nspawnctl.bootstrap import Bootstrapper, Progress
 from nspawnctl.errors import OperationError
 from nspawnctl.log import log
+from nspawnctl.mounts import beneath
 from nspawnctl.recipe import Recipe
 from nspawnctl.run import run
 
@@ -180,14 +180,8 @@ def _device(path: Path) -> int | None:
 
 def _relative_mounts(source: Path) -> Iterator[str]:
     try:
-        mountinfo = Path("/proc/self/mountinfo").read_text()
+        points = beneath(source)
     except OSError:
         return
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if len(fields) < 5:
-            continue
-        # Octal escapes: a space in a mount point is \040.
-        point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
-        if point != source and point.is_relative_to(source):
-            yield str(point.relative_to(source))
+    for point in points:
+        yield str(point.relative_to(source))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from nspawnctl.bus import Systemd, UnitState, text
 from nspawnctl.commands import add_name, add_verbs
 from nspawnctl.config import ContainerConfig, load_config
 from nspawnctl.container import container_state, load_all, require_installed, units_of
+from nspawnctl.disk import use as disk_use
 from nspawnctl.errors import ConfigError, Exit
 from nspawnctl.guesttree import disk_usage
 from nspawnctl.layers import Layer, mounted_lower
@@ -125,6 +127,7 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
         limits = {
             key: systemd.unit_property(service, spec.bus_name, "t")
             for key, spec in RESOURCE_KEYS.items()
+            if spec.bus_name is not None
         }
         # Units systemd gave up on, with why: a failed socket no longer listens.
         failed = {
@@ -166,11 +169,14 @@ def _layer_info(paths: Paths, name: str, config: ContainerConfig | None) -> dict
     version = mounted or current
     # The guest's uid range on the host, kept as the owner of its layer (0: none).
     base = base_of(layer.upper) if layer.upper.exists() else 0
+    own = disk_use(layer.path)
     return {
         "layer": {
             "path": str(layer.path),
-            "bytes": _layer_bytes(layer),
+            "bytes": own.bytes_used if own else _layer_bytes(layer),
         },
+        # Its own disk (resources.disk), as the guest's df sees it; null without one.
+        "disk": dataclasses.asdict(own) if own else None,
         "uid_range": [base, base + RANGE - 1] if base else None,
         "image_version": version.name if version else None,
         "needs_restart": bool(mounted and current and mounted != current),
@@ -221,6 +227,17 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
             else "the host's own (no user namespace)",
         ),
         ("layer", f"{_size(info['layer']['bytes'])} in {info['layer']['path']}"),
+        *(
+            [
+                (
+                    "disk",
+                    f"{_size(d['bytes_used'])} of {_size(d['bytes_total'])} used, "
+                    f"{d['inodes_used']} of {d['inodes_total']} files",
+                )
+            ]
+            if (d := info["disk"])
+            else []
+        ),
         (
             "version",
             (info["image_version"] or "-")

@@ -30,6 +30,9 @@ def config_with(**extra: object) -> dict[str, object]:
         ("cpu", "250%", 250),
         ("tasks", 300, 300),
         ("io_weight", 1, 1),
+        ("disk", "200M", 200 << 20),
+        ("disk", "2G", 2 << 30),
+        ("inodes", 100000, 100000),
     ],
 )
 def test_values_are_read_as_systemd_reads_them(key: str, value: object, expected: int) -> None:
@@ -43,13 +46,18 @@ def test_values_are_read_as_systemd_reads_them(key: str, value: object, expected
         ("memory", "1M", "less than 16M"),
         ("memory", "lots", "not a size"),
         ("memory", True, "not a size"),
-        ("memory", "9999999T", "more memory than any machine has"),
+        ("memory", "9999999T", "more than any machine has"),
         ("cpu", 50, "not a percentage"),
         ("cpu", "0%", "expected 1% to 102400%"),
         ("tasks", "300", "not a whole number"),
         ("tasks", 2, "expected 16 to 4194304"),
         ("io_weight", 0, "expected 1 to 10000"),
         ("io_weight", 1.5, "not a whole number"),
+        # The bad values: each names what is wrong (the key comes from config.py).
+        ("disk", 10, "less than 64M"),
+        ("disk", "-1G", "not a size"),
+        ("disk", "lots", "not a size"),
+        ("inodes", 10, "expected 1024 to"),
     ],
 )
 def test_bad_values_say_what_is_wrong(key: str, value: object, message: str) -> None:
@@ -90,3 +98,9 @@ def test_capabilities_in_any_spelling() -> None:
     )
     assert config.security.drop_capabilities == ("CAP_NET_RAW",)
     assert config.security.user_namespace is True
+
+
+def test_the_disk_keys_are_no_unit_lines() -> None:
+    resources = Resources(memory=256 << 20, disk=1 << 30, inodes=50000)
+    assert resources.unit_lines() == ["MemoryMax=268435456"]
+    assert resources.yaml_data() == {"memory": "256M", "disk": "1G", "inodes": 50000}
