@@ -88,6 +88,21 @@ def test_config_errors_name_the_key() -> None:
     assert err.value.key == "security.drop_capabilities[0]"
 
 
+@pytest.mark.parametrize("value", [10, "-1G", "lots"])
+def test_a_bad_disk_is_an_error_naming_the_key(value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config("web", config_with(resources={"disk": value}), FILE)
+    assert err.value.key == "resources.disk"
+    assert repr(value) in err.value.problem
+
+
+def test_inodes_without_a_disk_is_an_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config("web", config_with(resources={"inodes": 5000}), FILE)
+    assert err.value.key == "resources.inodes"
+    assert err.value.hint == "give resources.disk too"
+
+
 def test_capabilities_in_any_spelling() -> None:
     assert capability_name("net_raw") == "CAP_NET_RAW"
     assert capability_name("CAP_SYS_ADMIN") == "CAP_SYS_ADMIN"
