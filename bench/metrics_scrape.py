@@ -11,11 +11,9 @@ Usage: python3 -m bench.metrics_scrape [--containers N] [--runs N]
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 
-from bench.timing import timed
+from bench.timing import fleet_arguments, print_times, time_commands
 from tests.integration.conftest import CLIENT_KEY, IMAGE_CACHE, booted_host, cached_image
 
 WRITE = """
@@ -37,10 +35,7 @@ urllib.request.urlopen("http://127.0.0.1:9847/metrics", timeout=120).read()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--containers", type=int, default=1000)
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
+    args = fleet_arguments(__doc__)
     cached_image()
     nspawnctl = [sys.executable, "-m", "nspawnctl"]
     with booted_host(IMAGE_CACHE) as host:
@@ -64,18 +59,12 @@ def main() -> int:
                 "systemd-nspawn@*",
             ],
         }
-        results = {
-            label: [timed(host, argv) for _ in range(args.runs)] for label, argv in commands.items()
-        }
+        results = time_commands(host, commands, args.runs)
     print(
         f"# {args.containers + 1} defined containers, {args.runs} runs each; "
         f"{lines} lines of metrics; events files after the first scrape's fold: {size} KiB"
     )
-    for label, times in results.items():
-        print(
-            f"{label:<50} median {statistics.median(times) * 1000:7.0f} ms   "
-            f"max {max(times) * 1000:7.0f} ms"
-        )
+    print_times(results)
     return 0
 
 

@@ -73,6 +73,18 @@ def nspawnctl(vm: VM, *args: str, check: bool = True) -> subprocess.CompletedPro
     return vm.run(["nspawnctl", *args], check=check, timeout=300)
 
 
+def add_container(vm: VM, name: str, port: int, extra: str = "") -> None:
+    """Write NAME.yaml (the cached image, SSH on `port`, the test key, then `extra`
+    lines) and add it."""
+    vm.write_file(
+        f"/etc/nspawnctl/{name}.yaml",
+        f"image: debian:bookworm\nssh:\n  listen: {port}\n"
+        f"  authorized_keys: [{CLIENT_KEY}.pub]\n{extra}",
+    )
+    with timed(f"nspawnctl add {name}", vm):
+        nspawnctl(vm, "add", name)
+
+
 def ssh(vm: VM, port: int, command: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
     """OpenSSH in the VM, connecting to the VM's own port (the container's socket)."""
     return vm.run(

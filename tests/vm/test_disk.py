@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.vm.conftest import nspawnctl, ssh, unit_property, wait_stopped
-from tests.vm.vmhost import CLIENT_KEY, VM, timed
+from tests.vm.conftest import add_container, nspawnctl, ssh, unit_property, wait_stopped
+from tests.vm.vmhost import VM, timed
 
 LIMITED, FREE = "quota", "free"
 PORTS = {LIMITED: 2401, FREE: 2402}
@@ -21,14 +21,7 @@ MB = 1 << 20
 @pytest.fixture(scope="module")
 def containers(vm: VM) -> Iterator[None]:
     for name, port in PORTS.items():
-        disk = "resources: {disk: 200M}\n" if name == LIMITED else ""
-        vm.write_file(
-            f"/etc/nspawnctl/{name}.yaml",
-            f"image: debian:bookworm\nssh:\n  listen: {port}\n"
-            f"  authorized_keys: [{CLIENT_KEY}.pub]\n{disk}",
-        )
-        with timed(f"nspawnctl add {name}", vm):
-            nspawnctl(vm, "add", name)
+        add_container(vm, name, port, "resources: {disk: 200M}\n" if name == LIMITED else "")
     yield
 
 

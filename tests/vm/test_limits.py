@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.vm.conftest import nspawnctl, ssh, unit_property
-from tests.vm.vmhost import CLIENT_KEY, VM, timed, wait_for
+from tests.vm.conftest import add_container, nspawnctl, ssh, unit_property
+from tests.vm.vmhost import VM, timed, wait_for
 
 LIMITED, CALM, BUSY = "limited", "calm", "busy"
 PORTS = {LIMITED: 2301, CALM: 2302, BUSY: 2303}
@@ -55,13 +55,7 @@ def in_container(vm: VM, name: str, unit: str, script: str) -> None:
 def containers(vm: VM) -> Iterator[None]:
     for name, port in PORTS.items():
         limits = f"resources: {RESOURCES[name]}\n" if RESOURCES[name] else ""
-        vm.write_file(
-            f"/etc/nspawnctl/{name}.yaml",
-            f"image: debian:bookworm\nssh:\n  listen: {port}\n"
-            f"  authorized_keys: [{CLIENT_KEY}.pub]\n{limits}",
-        )
-        with timed(f"nspawnctl add {name}", vm):
-            nspawnctl(vm, "add", name)
+        add_container(vm, name, port, limits)
     # Its boot goes on while the others are used; test_cpu_quota waits for it.
     vm.run(["systemctl", "start", "--no-block", f"systemd-nspawn@{BUSY}.service"])
     for name in (LIMITED, CALM):
