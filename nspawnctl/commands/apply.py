@@ -143,7 +143,7 @@ def _apply_one(
             # The guest's root chose these names' contents, not their names: ours.
             kept = ", ".join(f"/{path}" for path in plan.kept)
             print(f"= {name}: changed in the guest, kept: {kept}")
-        if not plan.changes:
+        if not plan.changes and plan.disk_size is None:
             tally.unchanged.append(name)
             return
         reconcile.check_listens(paths, plan)
@@ -166,7 +166,10 @@ def _apply_one(
 
 
 def _announce(plan: reconcile.Plan, restarts: bool, dry_run: bool) -> None:
-    print(f"~ {plan.name}: " + ", ".join(str(c.path) for c in plan.changes))
+    changed = [str(c.path) for c in plan.changes]
+    if plan.disk_size is not None:
+        changed.append(f"its disk to {plan.config.resources.yaml_data()['disk']}")
+    print(f"~ {plan.name}: " + ", ".join(changed))
     if restarts:
         print(f"  {plan.name} is running and boots with what changed: it will be restarted")
     if dry_run:
