@@ -320,3 +320,17 @@ def test_set_grows_the_disk_live_and_will_not_shrink_it_under_a_running_guest(
     assert "shrinks only unmounted" in refused.stderr
     assert 360 * MB < df_root(LIMITED, vm)[0] <= 400 * MB
     assert "disk: 400M" in vm.run(["cat", f"/etc/nspawnctl/{LIMITED}.yaml"]).stdout
+
+
+def test_export_remove_and_import_keep_the_disk_and_its_files(vm: VM, containers: None) -> None:
+    ssh(vm, PORTS[LIMITED], "echo exported > /root/data")
+    nspawnctl(vm, "stop", LIMITED)
+    wait_stopped(vm, LIMITED)
+    nspawnctl(vm, "export", LIMITED, "/var/tmp/limited.tar")
+    nspawnctl(vm, "remove", LIMITED)
+    # Its disk went with it: unmounted, its loop device freed, its image deleted.
+    assert f"/layers/{LIMITED}/" not in vm.run(["losetup", "-a"]).stdout
+    assert f"/layers/{LIMITED}/" not in vm.run(["cat", "/proc/self/mountinfo"]).stdout
+    nspawnctl(vm, "import", "/var/tmp/limited.tar")
+    assert ssh(vm, PORTS[LIMITED], "cat /root/data").stdout.strip() == "exported"
+    assert 360 * MB < df_root(LIMITED, vm)[0] <= 400 * MB  # the YAML's, grown by `set`
