@@ -221,13 +221,16 @@ def enable(paths: Paths, listen: Listen) -> None:
                 )
     socket_file, _service_file = unit_files(paths)
     ours = socket_file.exists()
-    if not ours:
-        for holder in host_listeners():
-            if holder.listen.overlaps(listen):
-                raise UsageError(
-                    f"{listen.unit_value()}: {holder.holder} listens there",
-                    hint="give the endpoint another address: --listen ADDRESS:PORT",
-                )
+    # Where the endpoint listens already, its own socket is the holder (systemd's).
+    current = (
+        f"\nListenStream={listen.unit_value()}\n" in socket_file.read_text() if ours else False
+    )
+    for holder in host_listeners():
+        if holder.listen.overlaps(listen) and not (current and holder.holder.startswith("systemd")):
+            raise UsageError(
+                f"{listen.unit_value()}: {holder.holder} listens there",
+                hint="give the endpoint another address: --listen ADDRESS:PORT",
+            )
     with Systemd.connect() as systemd, Undo().guard() as undo:
         for file in render_metrics_units(paths, listen):
             path = Path(file.path)
