@@ -90,7 +90,7 @@ def _export(
         write_atomic(Path(tmp) / CONFIG, config_text, 0o600)
         sources = [(Path(tmp), [METADATA])]
         if not full:
-            layer = Layer.of(paths, name).path
+            layer = Layer.of(paths, name).upper.parent  # on its own disk, if it has one
             if live:
                 # tar walks by path names, which a running guest can swap for links:
                 # the archive is made from a copy taken by descriptors (copy_live).
