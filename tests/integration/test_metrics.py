@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import booted_host, nspawnctl, ssh, ssh_argv
-from tests.integration.test_idle import add, leader, yaml
+from tests.integration.test_idle import add, powered_off, yaml
 from tests.testhost import TestHost
 
 ENDPOINT = "127.0.0.1:9847"
@@ -53,9 +53,7 @@ def test_a_cold_start_and_an_idle_power_off_move_their_counters_by_one(host: Tes
     before = scrape(host)
     assert before[("nspawnctl_containers", "")] == 1
     assert ssh(host, 2701, "hostname").stdout.strip() == "counted"
-    host.wait_for(
-        lambda: leader(host, "counted") is None, timeout=90, what="counted powered off idle"
-    )
+    host.wait_for(lambda: powered_off(host, "counted"), timeout=90, what="counted powered off idle")
     after = scrape(host)
 
     def moved(name: str) -> float:
