@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nspawnctl.errors import OperationError
-from nspawnctl.mounts import is_mount_point
 from nspawnctl.run import run
 
 IMAGE = "disk.ext4"
@@ -46,6 +45,13 @@ def has_disk(layer_dir: Path) -> bool:
         return False
 
 
+def _mounted(where: Path) -> bool:
+    """Whether the disk is mounted at `where`: a file system of another device than its
+    layer's. A stat, not a read of the whole mount table: `metrics` asks it of every
+    container with a disk."""
+    return os.path.ismount(where)
+
+
 def make(layer_dir: Path, size: int, inodes: int | None) -> None:
     """A new, empty disk for a layer being built, mounted. The layer's directory is the
     new one's (a staging directory): renaming it later moves the mount with it."""
@@ -65,7 +71,7 @@ def attach(layer_dir: Path) -> None:
     """Mount the layer's disk if it is not (after the host booted, before any of its
     units did). A loop device comes and goes with the mount (autoclear)."""
     where = mount_point(layer_dir)
-    if not is_mount_point(where):
+    if not _mounted(where):
         run(["mount", "-t", "ext4", "-o", "loop,discard", str(image_of(layer_dir)), str(where)])
 
 
@@ -80,7 +86,7 @@ class Use:
 def use(layer_dir: Path) -> Use | None:
     """What the guest sees with `df` and `df -i`; None without a mounted disk."""
     where = mount_point(layer_dir)
-    if not has_disk(layer_dir) or not is_mount_point(where):
+    if not has_disk(layer_dir) or not _mounted(where):
         return None
     st = os.statvfs(where)
     return Use(
@@ -144,7 +150,7 @@ def resize(layer_dir: Path, size: int, *, running: bool) -> None:
 def _resize_unmounted(layer_dir: Path, size: int, *, grow: bool) -> None:
     image = image_of(layer_dir)
     where = mount_point(layer_dir)
-    if is_mount_point(where):
+    if _mounted(where):
         run(["umount", str(where)])
     try:
         # 0: clean; 1: errors it corrected (ext4's journal was replayed, say).

@@ -183,15 +183,9 @@ def prepare(layer: Layer, resources: Resources) -> None:
 def attach_disks(layers_dir: Path) -> None:
     """Mount the disk of every layer that has one and is not mounted (after a reboot,
     before its container started): nspawnctl then finds every layer where it is."""
-    points = {mount.where for mount in mounts()}
     for entry in os.scandir(layers_dir) if layers_dir.is_dir() else ():
-        layer_dir = Path(entry.path)
-        if (
-            entry.is_dir(follow_symlinks=False)
-            and has_disk(layer_dir)
-            and mount_point(layer_dir) not in points
-        ):
-            attach(layer_dir)
+        if entry.is_dir(follow_symlinks=False) and has_disk(Path(entry.path)):
+            attach(Path(entry.path))  # mounts only one that is not
 
 
 def reown_layer(layer: Layer, base: int) -> None:

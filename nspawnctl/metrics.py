@@ -8,7 +8,8 @@ the container's own unit records (events.py). Nothing is read from a guest's tre
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from nspawnctl.disk import Use
 from nspawnctl.disk import use as disk_use
 from nspawnctl.errors import ConfigError, UsageError
 from nspawnctl.events import BOOT_BUCKETS, Counts, read_counts
-from nspawnctl.install import Undo, remove_file
+from nspawnctl.install import Undo, remove_file, restore_file
 from nspawnctl.layers import Layer
 from nspawnctl.listen import Listen
 from nspawnctl.log import log
@@ -236,23 +237,13 @@ def enable(paths: Paths, listen: Listen) -> None:
             path = Path(file.path)
             previous = path.read_text() if path.exists() else None
             write_atomic(path, file.text, file.mode)
-            undo.push(f"writing {path}", _restore(path, previous))
+            undo.push(f"writing {path}", functools.partial(restore_file, path, previous))
         systemd.reload()
         undo.push("reload", systemd.reload)
         if ours:
             systemd.stop(METRICS_SOCKET)  # listening on the old address
         systemd.enable([METRICS_SOCKET])
         systemd.start(METRICS_SOCKET)
-
-
-def _restore(path: Path, previous: str | None) -> Callable[[], None]:
-    def undo() -> None:
-        if previous is None:
-            remove_file(path)
-        else:
-            write_atomic(path, previous)
-
-    return undo
 
 
 def disable(paths: Paths) -> None:
