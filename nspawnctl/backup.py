@@ -40,7 +40,7 @@ from nspawnctl.faults import checkpoint
 from nspawnctl.guesttree import copy_live, copy_tree, delete, remove_tree
 from nspawnctl.hold import held
 from nspawnctl.install import Undo, check_writable, restore_file, verify_units
-from nspawnctl.intent import Step, Transaction
+from nspawnctl.intent import Intent, Step
 from nspawnctl.layers import (
     MACHINE_ID,
     Layer,
@@ -74,7 +74,7 @@ class Manifest:
     recipe: Recipe  # the image's: enough to build it again
     image_version: str | None  # the version (v1, v2...) the layer sat on; None if unknown
     machine_id: str | None
-    live: bool  # copied while the container ran: files being written may be torn
+    live: bool  # copied while the container ran (frozen, where the host can freeze)
     full: bool = False  # an export of the whole tree instead of the layer
     format: int = FORMAT
 
@@ -180,7 +180,7 @@ def running_error(name: str, what: str) -> UsageError:
     return UsageError(
         f"{name} is running: its layer changes while it is copied",
         hint=f"`nspawnctl stop {name}` first, or `{what} --force` for a copy taken "
-        "while it runs (files it is writing meanwhile may be torn)",
+        "while it runs (frozen meanwhile, so the copy is of one instant)",
     )
 
 
@@ -231,36 +231,63 @@ def take(paths: Paths, name: str, snap: str, *, force: bool = False) -> Snapshot
 def copy_running_layer(paths: Paths, name: str, target: Path) -> None:
     """A copy of a running container's layer, taken while the container is frozen, so
     that it is of one instant (a database's files and its log agree); its connections
-    wait meanwhile, and none is lost. Where the host cannot freeze it (no unified cgroup
-    hierarchy) the copy is taken all the same, consistent file by file only, and says
-    so. The guest renames and swaps files meanwhile: a path-walking cp could be led
+    wait meanwhile, in the host's queue. Where the host cannot freeze it (no unified
+    cgroup hierarchy) the copy is taken all the same, consistent file by file only, and
+    says so. The guest renames and swaps files meanwhile: a path-walking cp could be led
     through a link it swaps in, so copy_live goes by descriptors only."""
-    with Systemd.connect() as systemd, _frozen(systemd, paths, name):
+    with _frozen(paths, name):
         copy_live(
             Layer.of(paths, name).upper, target, deadline=time.monotonic() + LIVE_COPY_SECONDS
         )
 
 
 @contextlib.contextmanager
-def _frozen(systemd: Systemd, paths: Paths, name: str) -> Iterator[None]:
+def _frozen(paths: Paths, name: str) -> Iterator[None]:
+    """The container frozen for the body, and thawed after it whatever happened: a
+    freeze that failed or timed out may still be under way in systemd."""
     service = service_unit(name)
-    with Transaction(paths.intent_dir, "freeze", name, systemd) as change:
-        # Recorded before the freeze: if nspawnctl is killed while the container is
-        # frozen, the next nspawnctl thaws it (recovery.py).
-        change.step(Step("thaw", service))
-        try:
-            systemd.freeze(service)
-        except OperationError as err:
-            log.warning(
-                "%s cannot be frozen (%s): the copy is consistent file by file, not of one instant",
-                name,
-                err.message,
-            )
-            yield
-            return
-        checkpoint(f"freeze: {name} frozen")
+    # Recorded before the freeze: if nspawnctl is killed while the container is
+    # frozen, the next nspawnctl thaws it (recovery.py).
+    record = Intent(paths.intent_dir, "freeze", name)
+    record.add(Step("thaw", service))
+    checkpoint(f"freeze: thaw of {name} recorded")
+    try:
+        with Systemd.connect() as systemd:
+            try:
+                systemd.freeze(service)
+                checkpoint(f"freeze: {name} frozen")
+            except OperationError as err:
+                log.warning(
+                    "%s cannot be frozen (%s): the copy is consistent file by file, "
+                    "not of one instant",
+                    name,
+                    err.message,
+                )
         yield
-        systemd.thaw(service)
+    except BaseException:
+        _thaw(record, service)
+        raise
+    problem = _thaw(record, service)
+    if problem:
+        raise OperationError(
+            f"{name} was copied, but stays frozen: {problem}",
+            hint=f"`systemctl thaw {service}`; the next nspawnctl command tries again",
+        )
+
+
+def _thaw(record: Intent, service: str) -> str | None:
+    """Thaw on a connection of its own (the one that froze may be an hour old and
+    broken); the record is kept if it fails, so that the next nspawnctl tries again.
+    Returns what went wrong, if anything."""
+    try:
+        with Systemd.connect() as systemd:
+            systemd.thaw(service)
+    except OperationError as err:
+        log.error("%s stays frozen: %s", service, err.message)
+        record.close()
+        return err.message
+    record.done()
+    return None
 
 
 def _copy(
@@ -325,12 +352,15 @@ def before_update(paths: Paths, names: Iterable[str], version: str) -> list[Snap
     with the image, so this is the only moment to take it)."""
     taken: list[Snapshot] = []
     try:
-        for name in names:
-            if not Layer.of(paths, name).upper.is_dir():
-                continue  # not installed: nothing to keep
-            config, text = require_container(paths, name)
-            target = snapshots_dir(paths, name) / f"{PRE_UPDATE}{version}"
-            taken.append(_copy(paths, config, text, target, live=layer_in_use(paths, name)))
+        with Systemd.connect() as systemd:
+            for name in names:
+                if not Layer.of(paths, name).upper.is_dir():
+                    continue  # not installed: nothing to keep
+                config, text = require_container(paths, name)
+                target = snapshots_dir(paths, name) / f"{PRE_UPDATE}{version}"
+                # Held, as `snapshot` holds it: one copy of a container at a time.
+                with held(systemd, paths, name) as live:
+                    taken.append(_copy(paths, config, text, target, live=live))
     except BaseException:
         discard(taken)
         raise

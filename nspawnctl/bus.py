@@ -216,7 +216,20 @@ class Systemd:
         self._manager(b"FreezeUnit", b"s", unit.encode(), doing=f"freezing {unit}")
 
     def thaw(self, unit: str) -> None:
-        self._manager(b"ThawUnit", b"s", unit.encode(), doing=f"thawing {unit}")
+        """Let a frozen unit's processes run again. A unit that is not frozen needs no
+        thaw: one that stopped meanwhile (a stop thaws it), or one that never froze
+        (the freeze failed, or the host cannot freeze)."""
+        if self.freezer_state(unit) == "running":
+            return
+        try:
+            self._manager(b"ThawUnit", b"s", unit.encode(), doing=f"thawing {unit}")
+        except OperationError:
+            if self.freezer_state(unit) != "running":  # it did not stop meanwhile
+                raise
+
+    def freezer_state(self, unit: str) -> str:
+        """running, freezing, frozen or thawing; "running" for a unit that is not loaded."""
+        return text(self.unit_property(unit, "FreezerState", "s"))
 
     def reset_failed(self, unit: str) -> None:
         self._manager(b"ResetFailedUnit", b"s", unit.encode(), doing=f"reset-failed {unit}")
@@ -339,6 +352,7 @@ _UNIT_PROPERTIES = {
     "InactiveEnterTimestamp",
     "UnitFileState",
     "Description",
+    "FreezerState",
 }
 
 

@@ -71,10 +71,7 @@ class Intent:
         self._fd = -1
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            # Held until the change is complete; released by the kernel if the process
-            # dies, which is how recovery tells an abandoned record from one being written.
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._fd = _open_locked(self.path)
             self._save()
         except OSError as err:
             # A full file system (a guest may fill it) must not lock the admin out of
@@ -107,6 +104,26 @@ class Intent:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _open_locked(path: Path) -> int:
+    """The record's file, locked. Held until the change is complete; released by the
+    kernel if the process dies, which is how recovery tells an abandoned record from one
+    being written. A process that held the same name before us deletes its file when it
+    is done: a lock on a file that no longer has the name is nobody's record, so open
+    the name again."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass  # deleted after our lock: open it again
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
 def take_back(step: Step, systemd: Systemd) -> None:

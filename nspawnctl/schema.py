@@ -4,9 +4,10 @@ YAML that `add` writes and the documentation test all go through the rows.
 
 A key is added by adding a field, e.g. to `SshConfig`:
 
-    banner: str | None = key(text(4096))
+    banner: str | None = key(_banner, default=None)
 
-and a line in the template that uses it (`config.ssh.banner`)."""
+where `_banner(section, name)` reads and checks the value, and a line in the
+template that uses it (`config.ssh.banner`)."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ LIMITS = (
 
 
 def text() -> str:
-    lines = [f"{GENERATED_MARK} (sysctl.d(5)), for systemd-sysctl at every boot"]
+    lines = [f"{GENERATED_MARK}its containers' needs: read by systemd-sysctl at every boot"]
     for limit in LIMITS:
         lines += [f"# {limit.why}", f"{limit.key} = {limit.value}"]
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ socket was made, so its row is here even for a container with a private network.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,10 @@ def _endpoint(text: str) -> tuple[IPAddress, int] | None:
     hex_address, _sep, hex_port = text.rpartition(":")
     try:
         raw = bytes.fromhex(hex_address)
-        packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+        # Each 32-bit word was printed as a number: its bytes are the wrong way round
+        # on a little-endian host only.
+        words = [raw[i : i + 4] for i in range(0, len(raw), 4)]
+        packed = b"".join(w[::-1] if sys.byteorder == "little" else w for w in words)
         return ipaddress.ip_address(packed), int(hex_port, 16)
     except ValueError:
         return None

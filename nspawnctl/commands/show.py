@@ -17,6 +17,7 @@ from nspawnctl.disk import use as disk_use
 from nspawnctl.errors import ConfigError, Exit
 from nspawnctl.guesttree import disk_usage
 from nspawnctl.layers import Layer, mounted_lower
+from nspawnctl.listen import Listen
 from nspawnctl.log import log
 from nspawnctl.names import service_unit, socket_unit
 from nspawnctl.paths import Paths
@@ -27,6 +28,7 @@ from nspawnctl.tcp import TcpTable
 from nspawnctl.userns import RANGE, base_of
 
 _UNSET = 2**64 - 1  # systemd's "no value" for counters such as MemoryCurrent
+_SETTLE_SECONDS = 0.5  # how long a connection on its way in may sit in the queue
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -109,6 +111,19 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
     return Exit.FAILED if errors else Exit.OK
 
 
+def _stuck(listens: list[Listen]) -> dict[str, int]:
+    """Connections in the host's queue that nothing takes. One on its way in sits there
+    for a moment, so only what is still queued a moment later counts."""
+    waiting = {str(listen): TcpTable.read().waiting_on(listen) for listen in listens}
+    if any(waiting.values()):
+        time.sleep(_SETTLE_SECONDS)
+        later = TcpTable.read()
+        waiting = {
+            str(listen): min(waiting[str(listen)], later.waiting_on(listen)) for listen in listens
+        }
+    return waiting
+
+
 def status(paths: Paths, name: str) -> dict[str, Any]:
     config = None
     try:
@@ -123,6 +138,8 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
         memory = systemd.unit_property(service, "MemoryCurrent", "t") if running else _UNSET
         since = systemd.unit_property(service, "ActiveEnterTimestamp", "t") if running else 0
         enabled = systemd.unit_file_state(socket)
+        # Frozen for a copy (`snapshot --force`): its connections wait by design.
+        freezer = systemd.freezer_state(service) if running else "running"
         # What systemd holds for the unit, which is what the kernel enforces.
         limits = {
             key: systemd.unit_property(service, spec.bus_name, "t")
@@ -135,18 +152,16 @@ def status(paths: Paths, name: str) -> dict[str, Any]:
             for unit, state in states.items()
             if state.active == "failed"
         }
-    tcp = TcpTable.read()
+    listens = [listen for _key, listen in config.listens()] if config else []
+    waiting = _stuck(listens)
     return {
         "name": name,
         "config": str(paths.config_file(name)),
         "image": config.image.image if config else None,
         "listen": [str(listen) for _key, listen in config.listens()] if config else [],
         # Connections in the host's queue that nothing has taken yet (see run_status).
-        "waiting": (
-            {str(listen): tcp.waiting_on(listen) for _key, listen in config.listens()}
-            if config
-            else {}
-        ),
+        "waiting": waiting,
+        "freezer": freezer,
         "network": str(config.network) if config else None,
         "address": str(config.network.address) if config and config.network.address else None,
         "socket": {"unit": socket, "state": _socket_state(states[socket]), "enabled": enabled},
@@ -199,6 +214,7 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
         print(json.dumps(info, indent=2))
         return Exit.OK
     machine = info["machine"]
+    frozen = "" if info["freezer"] == "running" else f" ({info['freezer']}, for a copy)"
     lines = [
         ("config", info["config"]),
         ("image", info["image"] or "?"),
@@ -211,7 +227,7 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
             "socket",
             f"{info['socket']['unit']}: {info['socket']['state']}, {info['socket']['enabled']}",
         ),
-        ("container", f"{info['container']['unit']}: {info['container']['state']}"),
+        ("container", f"{info['container']['unit']}: {info['container']['state']}{frozen}"),
         (
             "machine",
             f"{machine['state']}, leader PID {machine['leader']}" if machine else "not running",
@@ -257,7 +273,7 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
             f"why: journalctl -u {service_unit(args.name)}"
         )
     waiting = {listen: n for listen, n in info["waiting"].items() if n}
-    if waiting and info["container"]["state"] == "running":
+    if waiting and info["container"]["state"] == "running" and info["freezer"] == "running":
         # Booted, yet connections wait: the guest no longer takes them (it stopped or
         # broke its own socket unit). Each one waits until the container restarts.
         queued = ", ".join(f"{n} on {listen}" for listen, n in waiting.items())
