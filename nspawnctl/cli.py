@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nspawnctl import __version__, recovery
+from nspawnctl import __version__, recovery, remote
 from nspawnctl.commands import (
     add,
     apply,
@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where NAME.yaml files live (default /etc/nspawnctl, or $NSPAWNCTL_CONFIG_DIR)",
     )
+    parser.add_argument(
+        "-H",
+        "--host",
+        action="append",
+        metavar="[USER@]HOST[:PORT]",
+        help="run the verb on that host over ssh; repeated: list or status of a fleet",
+    )
+    # Given by the client side of -H (remote.py): which file arguments it sent, and where.
+    parser.add_argument("--client-files", help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=_Parser)
     for module in _COMMAND_MODULES:
         module.register(sub)
@@ -92,10 +101,17 @@ def verbs() -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup(args.debug)
-    paths = Paths.from_env(config_dir=args.config_dir)
     try:
+        if args.host:
+            # Checked here first (the command line is the same there), then run there.
+            return remote.run(parser, args, argv)
+        if args.client_files:
+            remote.receive(parser, args)
+        paths = Paths.from_env(config_dir=args.config_dir)
         if args.verb not in _PURE_VERBS:
             # A change a killed nspawnctl left half-done is finished or taken back first.
             recovery.settle(paths)

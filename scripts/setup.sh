@@ -10,7 +10,8 @@ packages=(
     dnf rpm createrepo-c  # bootstraps Fedora-family images; the tests build a local repo
     zstd xz-utils         # tar imports of .tar.zst and .tar.xz archives
     libsystemd-dev pkg-config gcc   # pystemd builds against libsystemd
-    openssh-client        # ssh-keygen for guest host keys; ssh for the tests
+    openssh-client        # ssh-keygen for guest host keys; ssh for -H and the tests
+    openssh-server        # sshd in the throw-away hosts of the multi-host tests
     rsync                 # the tests copy files to and from a guest, as users do
     iproute2              # ss, for the tests
     tmux                  # the tests drive `nspawnctl top` on a terminal
@@ -24,6 +25,13 @@ done
 if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
+    # What is installed here must not start here (sshd on this machine's port 22): the
+    # tests start it inside their own hosts. policy-rc.d(8) tells the packages so.
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]'

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from nspawnctl.names import machine_name
 from nspawnctl.paths import Paths
@@ -38,3 +38,24 @@ def add_verbs(
 def add_name(parser: argparse.ArgumentParser, **options: Any) -> None:
     """The container's NAME, the same argument for every verb that takes one."""
     parser.add_argument("name", metavar="NAME", type=machine_name, **options)
+
+
+# Arguments that name a file of the machine nspawnctl is started on. With -H they travel
+# with the call (remote.py): an input is sent to the far host first, an output fetched
+# back after; "key" is an input if it names a file, else a key line given as it is.
+FileRole = Literal["input", "output", "key"]
+_FILE_ROLE = "nspawnctl_file_role"
+
+
+def add_file(
+    parser: argparse.ArgumentParser, *names: str, role: FileRole, **options: Any
+) -> argparse.Action:
+    """An argument naming a local file or directory (see FileRole)."""
+    action = parser.add_argument(*names, **options)
+    setattr(action, _FILE_ROLE, role)
+    return action
+
+
+def file_role(action: argparse.Action) -> FileRole | None:
+    role: FileRole | None = getattr(action, _FILE_ROLE, None)
+    return role

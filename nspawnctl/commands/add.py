@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from nspawnctl import container
-from nspawnctl.commands import add_name, add_verb
+from nspawnctl.commands import add_file, add_name, add_verb
 from nspawnctl.config import (
     ContainerConfig,
     dump_config,
@@ -27,9 +27,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ):
         p = add_verb(sub, verb, help_text, handler)
         add_name(p)
-        p.add_argument(
+        add_file(
+            p,
             "-f",
             "--file",
+            role="input",
             type=Path,
             metavar="FILE",
             help="the container's YAML (default: CONFIG_DIR/NAME.yaml)",
@@ -38,8 +40,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "--image", metavar="IMAGE", help="distro:release (debian:bookworm) or template:NAME"
         )
         p.add_argument("--ssh", metavar="PORT", help="host port or ADDRESS:PORT for SSH")
-        p.add_argument(
+        add_file(
+            p,
             "--key",
+            role="key",
             action="append",
             default=[],
             metavar="PUBKEY",

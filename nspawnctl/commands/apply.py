@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nspawnctl import container, reconcile
 from nspawnctl.bus import Systemd
-from nspawnctl.commands import add_verb
+from nspawnctl.commands import add_file, add_verb
 from nspawnctl.config import ContainerConfig, kept_as, load_yaml, parse_config
 from nspawnctl.errors import ConfigError, Exit, NspawnctlError, UsageError, from_unexpected
 from nspawnctl.install import is_ours
@@ -21,7 +21,15 @@ from nspawnctl.screen import shown
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_text = "make the installed containers match every NAME.yaml in DIR"
     p = add_verb(sub, "apply", help_text, run_apply)
-    p.add_argument("dir", nargs="?", type=Path, metavar="DIR", help="default: the config directory")
+    add_file(
+        p,
+        "dir",
+        role="input",
+        nargs="?",
+        type=Path,
+        metavar="DIR",
+        help="default: the config directory",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="show the plan, as a diff of files; change nothing"
     )

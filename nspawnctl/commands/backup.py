@@ -6,13 +6,13 @@ import argparse
 from pathlib import Path
 
 from nspawnctl import backup, export
-from nspawnctl.commands import add_name, add_verbs
+from nspawnctl.commands import add_file, add_name, add_verbs
 from nspawnctl.errors import Exit, UsageError
 from nspawnctl.guesttree import disk_usage
 from nspawnctl.log import log
 from nspawnctl.paths import Paths
 
-_FORCE = "copy it even while it runs (files it writes meanwhile may be torn)"
+_FORCE = "copy it even while it runs: frozen for the copy, so of one instant"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,15 +46,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("snapshot", metavar="SNAP")
     p = parsers["export"]
     add_name(p)
-    p.add_argument(
-        "file", metavar="FILE", type=Path, help="compressed as its suffix says: .tar, .tar.zst..."
+    add_file(
+        p,
+        "file",
+        role="output",
+        metavar="FILE",
+        type=Path,
+        help="compressed as its suffix says: .tar, .tar.zst...",
     )
     p.add_argument(
         "--full", action="store_true", help="the whole tree, layer over image: an image archive"
     )
     p.add_argument("--force", action="store_true", help=_FORCE)
     p = parsers["import"]
-    p.add_argument("file", metavar="FILE", type=Path)
+    add_file(p, "file", role="input", metavar="FILE", type=Path)
     add_name(p, nargs="?", help="default: the exported name")
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from nspawnctl.bootstrap import tar
-from nspawnctl.commands import add_verbs
+from nspawnctl.commands import add_file, add_verbs
 from nspawnctl.container import merged_view, users_of
 from nspawnctl.errors import Exit, OperationError, UsageError
 from nspawnctl.guesttree import disk_usage
@@ -76,9 +76,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="take no pre-update-VERSION snapshot of the image's containers",
     )
     parsers["update"].add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD")
-    parsers["export"].add_argument("file", metavar="FILE", type=Path)
-    parsers["import"].add_argument(
-        "file", metavar="FILE", type=Path, help="a .tar[.gz|.xz|.zst] archive or a directory"
+    add_file(parsers["export"], "file", role="output", metavar="FILE", type=Path)
+    add_file(
+        parsers["import"],
+        "file",
+        role="input",
+        metavar="FILE",
+        type=Path,
+        help="a .tar[.gz|.xz|.zst] archive or a directory",
     )
     parsers["import"].add_argument("name", metavar="NAME", help="the new image is template:NAME")
 

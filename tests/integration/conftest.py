@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from subprocess import CompletedProcess
 
@@ -20,7 +20,7 @@ import pytest
 from nspawnctl.bootstrap.debootstrap import BASE_PACKAGES
 from nspawnctl.recipe import Recipe, parse_image
 from nspawnctl.store import Image, ImageStore
-from tests.testhost import Bind, TestHost
+from tests.testhost import DEFAULT_MASK, Bind, TestHost
 
 # Keyed by recipe inside, so a changed recipe is a new image; one that an older
 # nspawnctl built without what this one puts in every image is built again (fresh()).
@@ -90,7 +90,7 @@ def _copy(src: str, dst: str) -> None:
 
 
 @contextlib.contextmanager
-def booted_host(images: Path) -> Iterator[TestHost]:
+def booted_host(images: Path, mask: Sequence[str] = DEFAULT_MASK) -> Iterator[TestHost]:
     """A test host whose image store is `images` and whose container layers, and the
     snapshots of them, live on a real file system of this machine: overlayfs cannot use
     the host's own overlay root as an upper layer, nor hold a layer's whiteouts."""
@@ -100,7 +100,7 @@ def booted_host(images: Path) -> Iterator[TestHost]:
         for sub in ("layers", "snapshots"):
             (Path(state) / sub).mkdir()
             binds.append(Bind(Path(state) / sub, f"{STATE_IN_HOST}/{sub}"))
-        with TestHost(binds=binds) as host:
+        with TestHost(binds=binds, mask=mask) as host:
             host.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", CLIENT_KEY])
             yield host
     finally:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nspawnctl import cli, config, paths, pubkeys
+from nspawnctl import cli, config, paths, pubkeys, remote
 from nspawnctl.metrics import FAMILIES
 from nspawnctl.schema import dotted_keys
 
@@ -171,7 +171,8 @@ def options(parser: argparse.ArgumentParser) -> list[str]:
         option
         for action in parser._actions
         for option in action.option_strings
-        if option not in ("-h", "--help")
+        # Hidden: one side of nspawnctl talking to the other (-H's --client-files).
+        if option not in ("-h", "--help") and action.help != argparse.SUPPRESS
     ]
 
 
@@ -220,7 +221,11 @@ def test_every_global_option_is_under_options(option: str) -> None:
     assert mentions(text, option), f"nspawnctl.1: {option} is not under OPTIONS"
 
 
-@pytest.mark.parametrize(("variable", "default"), paths.environment_variables().items())
+# Besides the locations: the far program of -H.
+VARIABLES = {**paths.environment_variables(), remote.REMOTE_COMMAND_VARIABLE: "nspawnctl"}
+
+
+@pytest.mark.parametrize(("variable", "default"), VARIABLES.items())
 def test_every_variable_has_an_entry_with_its_default(variable: str, default: str) -> None:
     found = entries_by_first_word(PAGE_1, "ENVIRONMENT")
     assert variable in found, f"nspawnctl.1: no entry for {variable} under ENVIRONMENT"
@@ -229,7 +234,7 @@ def test_every_variable_has_an_entry_with_its_default(variable: str, default: st
 
 def test_no_entry_for_a_variable_that_does_not_exist() -> None:
     documented = {v for v in entries_by_first_word(PAGE_1, "ENVIRONMENT") if "_" in v}
-    assert documented <= set(paths.environment_variables()), "stale variables documented"
+    assert documented <= set(VARIABLES), "stale variables documented"
 
 
 # --- nspawnctl.yaml(5) --------------------------------------------------------------

@@ -65,7 +65,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "sysctl",
         "update",
     ),
-    "cli": ("__main__", "cli", "commands"),
+    "cli": ("__main__", "cli", "commands", "remote"),
 }
 LAYER_OF = {module: index for index, names in enumerate(LAYERS.values()) for module in names}
 

@@ -1,0 +1,199 @@
+"""nspawnctl -H on real hosts over real OpenSSH: two throw-away servers running sshd
+and nspawnctl, and a client host that reaches them over a private bridge
+(fleetnet.py), as an admin's laptop reaches its servers."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import CLIENT_KEY, nspawnctl, ssh_argv
+from tests.integration.fleetnet import DOWN, Fleet, fleet, on_client
+
+WEB = "2222"
+
+
+@pytest.fixture(scope="module")
+def hosts(image_cache: Path) -> Iterator[Fleet]:
+    with fleet(image_cache) as f:
+        yield f
+
+
+def _far_ssh(f: Fleet, server: int, port: str, command: str) -> str:
+    """A real ssh client on the client host, to a container's port on a server."""
+    argv = ssh_argv(int(port), command)
+    argv[-2] = f"root@{f.address(server)}"
+    return f.client.run(argv, timeout=120).stdout
+
+
+def test_every_verb_works_against_one_host(hosts: Fleet) -> None:
+    a = hosts.address(0)
+    # --key names a file of the client: it travels with the call.
+    added = on_client(hosts, "-H", a, "add", "web", "--ssh", WEB, "--key", f"{CLIENT_KEY}.pub")
+    assert added.returncode == 0, added.stderr
+    assert nspawnctl(hosts.servers[0], "list").stdout.split()[6] == "web"
+    assert "web" not in nspawnctl(hosts.servers[1], "list").stdout
+
+    rows = json.loads(on_client(hosts, "-H", a, "list", "--json").stdout)
+    assert [(r["name"], r["socket"], r["container"]) for r in rows] == [
+        ("web", "listening", "stopped")
+    ]
+    # Its socket on the server boots it for a client that comes across the network.
+    assert _far_ssh(hosts, 0, WEB, "hostname").strip() == "web"
+    status = json.loads(on_client(hosts, "-H", a, "status", "web", "--json").stdout)
+    assert status["container"]["state"] == "running"
+    shown = on_client(hosts, "-H", a, "exec", "web", "--", "cat", "/etc/hostname")
+    assert shown.stdout == "web\n"
+    logs = on_client(hosts, "-H", a, "logs", "web", "-n", "200").stdout
+    assert "sshd" in logs
+
+    # With a terminal here, the far verb has one: an interactive shell in the container.
+    _shell_on_a_terminal(hosts, a)
+
+    # Exit codes are nspawnctl's own, from the far side.
+    missing = on_client(hosts, "-H", a, "status", "nosuch", check=False)
+    assert (
+        missing.returncode
+        == nspawnctl(hosts.servers[0], "status", "nosuch", check=False).returncode
+    )
+    assert missing.returncode != 0 and "nosuch" in missing.stderr
+
+    on_client(hosts, "-H", a, "stop", "web")
+    stopped = json.loads(on_client(hosts, "-H", a, "status", "web", "--json").stdout)
+    assert stopped["container"]["state"] == "stopped"
+
+    # apply DIR: a directory of the client's YAML files goes across.
+    hosts.client.write_file(
+        "/root/fleet/api.yaml",
+        f"image: debian:bookworm\nssh:\n  listen: 2223\n  authorized_keys:\n"
+        f"    - {hosts.client.run(['cat', f'{CLIENT_KEY}.pub']).stdout.strip()}\n",
+    )
+    applied = on_client(hosts, "-H", a, "apply", "/root/fleet")
+    assert applied.returncode == 0, applied.stderr
+    assert "api" in nspawnctl(hosts.servers[0], "list").stdout
+
+    # export writes on the client; import on the other server reads it from the client.
+    on_client(hosts, "-H", a, "export", "web", "/root/web.tar.zst")
+    assert int(hosts.client.run(["stat", "-c", "%s", "/root/web.tar.zst"]).stdout) > 1000
+    on_client(hosts, "-H", hosts.address(1), "import", "/root/web.tar.zst")
+    assert _far_ssh(hosts, 1, WEB, "hostname").strip() == "web"
+    # Nothing of the call is left on the far hosts.
+    for host in hosts.servers:
+        left = host.run(["sh", "-c", "ls -d /var/tmp/nspawnctl-client.* 2>/dev/null; true"])
+        assert left.stdout == ""
+
+    for index in (0, 1):
+        on_client(hosts, "-H", hosts.address(index), "remove", "web")
+    on_client(hosts, "-H", a, "remove", "api")
+    assert "web" not in nspawnctl(hosts.servers[0], "list").stdout
+
+
+def test_a_fleet_list_has_a_host_column_and_a_row_for_a_host_that_is_down(
+    hosts: Fleet,
+) -> None:
+    a, b = hosts.address(0), hosts.address(1)
+    key = f"{CLIENT_KEY}.pub"
+    on_client(hosts, "-H", a, "add", "one", "--ssh", "2301", "--key", key)
+    on_client(hosts, "-H", b, "add", "two", "--ssh", "2302", "--key", key)
+    try:
+        listed = on_client(hosts, "-H", a, "-H", b, "-H", DOWN, "list", check=False)
+        assert listed.returncode == 1  # one host could not be asked
+        lines = listed.stdout.splitlines()
+        assert lines[0].split()[:3] == ["HOST", "NAME", "SOCKET"]
+        rows = {tuple(line.split()[:2]) for line in lines[1:]}
+        assert (a, "one") in rows and (b, "two") in rows
+        down = [line for line in lines if line.startswith(DOWN)]
+        assert len(down) == 1 and "error:" in down[0], listed.stdout
+
+        rows_json = json.loads(on_client(hosts, "-H", a, "-H", b, "list", "--json").stdout)
+        assert sorted((r["host"], r["name"]) for r in rows_json) == [(a, "one"), (b, "two")]
+    finally:
+        on_client(hosts, "-H", a, "remove", "one")
+        on_client(hosts, "-H", b, "remove", "two")
+
+
+def test_bad_input_is_one_clear_error_and_changes_nothing(hosts: Fleet) -> None:
+    a = hosts.address(0)
+    before = nspawnctl(hosts.servers[0], "list").stdout
+    add = ["add", "bad", "--ssh", "2400", "--key", f"{CLIENT_KEY}.pub"]
+
+    down = on_client(hosts, "-H", DOWN, *add, check=False)
+    assert down.returncode == 1 and f"{DOWN}: connecting:" in down.stderr, down.stderr
+
+    # A key the server does not know: ssh's own words, and a hint at ssh.
+    hosts.client.run(["mkdir", "-p", "/root/stranger/.ssh"])
+    hosts.client.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", "/root/stranger/.ssh/id_ed25519"]
+    )
+    # ssh takes ~ from the password database, not $HOME: the user's config names the key.
+    config = "StrictHostKeyChecking accept-new\n"
+    stranger = "IdentityFile /root/stranger/.ssh/id_ed25519\nIdentitiesOnly yes\n"
+    hosts.client.write_file("/root/.ssh/config", config + stranger, 0o600)
+    try:
+        refused = on_client(hosts, "-H", a, *add, check=False)
+    finally:
+        hosts.client.write_file("/root/.ssh/config", config, 0o600)
+    assert refused.returncode == 1 and "Permission denied" in refused.stderr, refused.stderr
+    assert "hint: check `ssh" in refused.stderr
+
+    # A host without nspawnctl where it is looked for, and one with another version.
+    none = on_client(
+        hosts,
+        "-H",
+        a,
+        *add,
+        check=False,
+        env={"NSPAWNCTL_REMOTE_COMMAND": "/opt/nowhere/nspawnctl"},
+    )
+    assert none.returncode == 1 and "has no '/opt/nowhere/nspawnctl'" in none.stderr
+    hosts.servers[0].write_file(
+        "/usr/local/sbin/nspawnctl-old",
+        '#!/bin/sh\necho "$@" >> /root/old-calls\necho "nspawnctl 0.1.0"\n',
+        0o755,
+    )
+    old = on_client(
+        hosts, "-H", a, *add, check=False, env={"NSPAWNCTL_REMOTE_COMMAND": "nspawnctl-old"}
+    )
+    assert old.returncode == 1 and "has nspawnctl 0.1.0, this is" in old.stderr, old.stderr
+    # It was asked its version, and nothing else.
+    assert hosts.servers[0].run(["cat", "/root/old-calls"]).stdout == "--version\n"
+
+    # A bad -H is refused before ssh is started.
+    bad = on_client(hosts, "-H", "-oProxyCommand=touch /root/pwned", "list", check=False)
+    assert bad.returncode == 2 and "not [USER@]HOST[:PORT]" in bad.stderr
+    assert hosts.client.run(["test", "-e", "/root/pwned"], check=False).returncode != 0
+
+    assert nspawnctl(hosts.servers[0], "list").stdout == before
+
+
+def _shell_on_a_terminal(f: Fleet, address: str) -> None:
+    client = f.client
+
+    def pane() -> str:
+        return client.run(["tmux", "capture-pane", "-p", "-t", "far"]).stdout
+
+    command = shlex.join([sys.executable, "-m", "nspawnctl", "-H", address, "shell", "web"])
+    client.run(["tmux", "new-session", "-d", "-s", "far", "-x", "120", "-y", "30", command])
+    try:
+        # The prompt of a shell that reads this terminal, then a line it computed. Keys
+        # typed before the prompt are dropped as the login sets the terminal up.
+        client.wait_for(lambda: "root@web:" in pane(), timeout=60, what="the far shell's prompt")
+        client.run(["tmux", "send-keys", "-t", "far", "echo $((6*7))-$(hostname)", "Enter"])
+        try:
+            client.wait_for(lambda: "42-web" in pane(), timeout=60, what="the far shell's answer")
+        except TimeoutError as err:
+            raise AssertionError(f"{err}; the terminal shows:\n{pane()}") from None
+        client.run(["tmux", "send-keys", "-t", "far", "exit", "Enter"])
+        gone = ["tmux", "has-session", "-t", "far"]
+        client.wait_for(
+            lambda: client.run(gone, check=False).returncode != 0,
+            timeout=30,
+            what="the shell to end",
+        )
+    finally:
+        client.run(["tmux", "kill-server"], check=False)
