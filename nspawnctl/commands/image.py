@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 from nspawnctl.bootstrap import tar
 from nspawnctl.commands import add_file, add_verbs
@@ -59,6 +61,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=machine_name,
         help="a stopped container to copy",
     )
+    parsers["list"].add_argument("--json", action="store_true", help="print JSON")
     for verb in ("update", "remove", "export"):
         parsers[verb].add_argument(
             "image", metavar="IMAGE", help="as in the YAML (debian:bookworm, template:NAME) or key"
@@ -114,13 +117,26 @@ def run_build(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def run_list(args: argparse.Namespace, paths: Paths) -> int:
-    # The key: what names one image when several share a name (update and remove take it).
+    rows: list[dict[str, Any]] = [
+        {
+            "image": image.recipe.image,
+            # What names one image when several share a name (update and remove take it).
+            "key": image.key,
+            "version": image.current.name,
+            "size_bytes": disk_usage(image.current),
+            "containers": [c.name for c in users_of(paths, image)],
+            "recipe": image.recipe.describe(),
+        }
+        for image in _store(paths).images()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return Exit.OK
     table = [["IMAGE", "KEY", "VERSION", "SIZE", "CONTAINERS", "RECIPE"]]
-    for image in _store(paths).images():
-        users = ",".join(c.name for c in users_of(paths, image)) or "-"
-        size = f"{disk_usage(image.current) / 2**20:.0f}M"
-        recipe = image.recipe
-        table.append([recipe.image, image.key, image.current.name, size, users, recipe.describe()])
+    for r in rows:
+        size = f"{r['size_bytes'] / 2**20:.0f}M"
+        users = ",".join(r["containers"]) or "-"
+        table.append([r["image"], r["key"], r["version"], size, users, r["recipe"]])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -5,15 +5,18 @@ and nspawnctl, and a client host that reaches them over a private bridge
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
 from tests.integration.conftest import CLIENT_KEY, nspawnctl, ssh_argv
 from tests.integration.fleetnet import DOWN, Fleet, fleet, on_client
+from tests.testhost import CHECKOUT
 
 WEB = "2222"
 
@@ -197,3 +200,67 @@ def _shell_on_a_terminal(f: Fleet, address: str) -> None:
         )
     finally:
         client.run(["tmux", "kill-server"], check=False)
+
+
+# --- the Ansible collection (contrib/ansible), with the real ansible-core ------------
+
+COLLECTION = CHECKOUT / "contrib/ansible"
+
+
+def _playbook(f: Fleet, *extra: str, check: bool = True) -> CompletedProcess[str]:
+    argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "/root/inventory"]
+    argv += [str(COLLECTION / "playbooks/fleet.yml"), "-e", "nspawnctl_fleet_dir=/root/yaml"]
+    env = {
+        "ANSIBLE_COLLECTIONS_PATH": "/root/collections",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+    }
+    return f.client.run([*argv, *extra], check=check, env=env, timeout=600)
+
+
+def _changed(recap: str) -> dict[str, int]:
+    """Each host's changed= count in the PLAY RECAP."""
+    found = re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", recap, re.MULTILINE)
+    return {host: int(n) for host, n in found}
+
+
+def test_the_example_playbook_puts_a_directory_of_yaml_on_every_host(hosts: Fleet) -> None:
+    galaxy = str(Path(sys.executable).parent / "ansible-galaxy")
+    hosts.client.run([galaxy, "collection", "install", str(COLLECTION), "-p", "/root/collections"])
+    servers = [hosts.address(i) for i in range(len(hosts.servers))]
+    hosts.client.write_file(
+        "/root/inventory",
+        "[nspawn_hosts]\n" + "\n".join(servers) + "\n[nspawn_hosts:vars]\n"
+        "ansible_user=root\nansible_python_interpreter=/usr/bin/python3\n",
+    )
+    key = hosts.client.run(["cat", f"{CLIENT_KEY}.pub"]).stdout.strip()
+    db = f"image: debian:bookworm\nssh:\n  listen: 2500\n  authorized_keys: ['{key}']\n"
+    hosts.client.write_file("/root/yaml/db.yaml", db)
+    try:
+        first = _playbook(hosts)
+        assert _changed(first.stdout) == dict.fromkeys(servers, 1), first.stdout
+        for server in hosts.servers:
+            assert "db" in nspawnctl(server, "list").stdout
+        assert _far_ssh(hosts, 1, "2500", "hostname").strip() == "db"
+
+        second = _playbook(hosts)
+        assert _changed(second.stdout) == dict.fromkeys(servers, 0), second.stdout
+
+        # A pending change: shown with --check --diff, and not made.
+        hosts.client.write_file("/root/yaml/db.yaml", db + "idle_timeout: 5min\n")
+        checked = _playbook(hosts, "--check", "--diff")
+        assert _changed(checked.stdout) == dict.fromkeys(servers, 1), checked.stdout
+        assert re.search(r'^\+\s+"idle_timeout": "5min",$', checked.stdout, re.M), checked.stdout
+        config = nspawnctl(hosts.servers[0], "status", "db", "--json").stdout
+        path = json.loads(config)["config"]
+        assert "5min" not in hosts.servers[0].run(["cat", path]).stdout
+
+        # A bad key: the task fails with nspawnctl's own message, and nothing changes.
+        hosts.client.write_file("/root/yaml/db.yaml", db + "idle_timout: 5min\n")
+        failed = _playbook(hosts, check=False)
+        assert failed.returncode != 0
+        assert "nspawnctl: error:" in failed.stdout and "idle_timout" in failed.stdout
+        assert "5min" not in hosts.servers[0].run(["cat", path]).stdout
+    finally:
+        for address in servers:
+            on_client(hosts, "-H", address, "remove", "db", check=False)
