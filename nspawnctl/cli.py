@@ -17,6 +17,7 @@ from nspawnctl.commands import (
     lifecycle,
     logs,
     metrics,
+    migrate,
     remove,
     settings,
     show,
@@ -43,6 +44,7 @@ _COMMAND_MODULES = (
     exec,
     which,
     backup,
+    migrate,
     image,
 )
 

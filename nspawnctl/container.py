@@ -204,13 +204,9 @@ def merged_view(paths: Paths, name: str, *, upper: Path | None = None) -> Iterat
             run(["umount", view])
 
 
-def add(
-    paths: Paths, config: ContainerConfig, config_text: str, *, layer_from: Layer | None = None
-) -> None:
-    """Install a container: its layer, its host units, its config; then start its socket.
-    On any failure everything done so far is taken back. `layer_from`: a layer to take
-    (a restored backup, on the same file system), with its machine-id and host key;
-    nspawnctl's own files in it are written anew."""
+def check_addable(paths: Paths, config: ContainerConfig) -> None:
+    """Whether `add` could install the container here, checked without changing anything:
+    its name is free, its addresses are nobody's, its files can be written, systemd runs."""
     name = config.name
     layer = Layer.of(paths, name)
     if is_installed(paths, name) or layer.path.exists():
@@ -228,14 +224,26 @@ def add(
     check_conflicts(config, others)
     check_host_ports(config, host_listeners())
     check_upper_filesystem(layer.path.parent)
-    if config.network.mode == "host":
-        log.warning("%s shares the host's network: its services bind the host's ports", name)
     for path in host_targets(paths, name).values():
         check_writable(path)
-
-    config_path = paths.config_file(name)
     with Systemd.connect():  # no systemd, no work: fail before building or writing anything
         pass
+
+
+def add(
+    paths: Paths, config: ContainerConfig, config_text: str, *, layer_from: Layer | None = None
+) -> None:
+    """Install a container: its layer, its host units, its config; then start its socket.
+    On any failure everything done so far is taken back. `layer_from`: a layer to take
+    (a restored backup, on the same file system), with its machine-id and host key;
+    nspawnctl's own files in it are written anew."""
+    name = config.name
+    layer = Layer.of(paths, name)
+    root = paths.machine_dir(name)
+    check_addable(paths, config)
+    if config.network.mode == "host":
+        log.warning("%s shares the host's network: its services bind the host's ports", name)
+    config_path = paths.config_file(name)
     # A bootstrap takes minutes: no bus connection is held meanwhile (one held across
     # it was found dead afterwards, "Transport endpoint is not connected").
     image = ImageStore(paths.image_dir).ensure(config.image)
@@ -277,7 +285,7 @@ def add(
             systemd.start(socket_unit(name))
         if config.network.gateway is not None:
             reload_networkd(systemd, config.name)
-    raise_limits(paths, containers=len(others) + 1)
+    raise_limits(paths, containers=len(config_names(paths)))
     log.info(
         "added %s: %s listens on %s; the container boots on the first connection",
         name,

@@ -6,7 +6,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from nspawnctl import container
+from nspawnctl import container, migrate
 from nspawnctl.bus import Systemd
 from nspawnctl.errors import NspawnctlError
 from nspawnctl.guesttree import remove_tree
@@ -26,6 +26,18 @@ def settle(paths: Paths) -> list[str]:
     directory = paths.intent_dir
     settled = []
     for path, record in abandoned(directory) if directory.is_dir() else ():
+        if record.verb == migrate.VERB:
+            # Its other half is on another host: only `migrate` itself can tell whether
+            # to finish it or take it back, so it stays as it is, stopped and whole here.
+            where = record.options[0] if record.options else "another host"
+            log.warning(
+                "`migrate %s` to %s was cut short: run it again to finish, "
+                "or `nspawnctl migrate --abort %s` to listen here again",
+                record.name,
+                where,
+                record.name,
+            )
+            continue
         if record.forward:
             # Finishing makes a record of its own; this one goes first, so that a kill
             # while finishing leaves exactly one record to settle next time.

@@ -2,9 +2,7 @@
 host, over the user's own OpenSSH (their ssh config, keys, agent and known_hosts), the
 way `machinectl -H` reaches another host's machined.
 
-One call is a few ssh sessions over one connection: the first ssh becomes the master of
-a control socket in a private directory, the others ride on it, so a password or a
-host-key question comes once. In order:
+One call is a few ssh sessions over one connection (ssh.py). In order:
 1. ask the far nspawnctl its version: none, or one that speaks otherwise, is an error
    before anything changes there;
 2. send the local files the command line names (commands.add_file) into a private
@@ -17,224 +15,27 @@ those from the directory; every other argument means what it means there."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import re
-import shlex
-import subprocess
 import sys
-import tarfile
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nspawnctl import __version__
 from nspawnctl.commands import file_role
 from nspawnctl.errors import Exit, NspawnctlError, OperationError, UsageError
-from nspawnctl.run import spawn
 from nspawnctl.screen import shown
+from nspawnctl.ssh import (
+    FILES_OPTION,
+    SSH_FAILED,
+    Connection,
+    Destination,
+    Sent,
+    connected,
+)
 
-# What ssh needs of our environment: where its config and keys are, the agent, the
-# terminal; the rest of it (LISTEN_FDS...) is not the far host's business.
-_SSH_KEEP = ("HOME", "USER", "LOGNAME", "SSH_AUTH_SOCK", "TERM", "DISPLAY", "SSH_ASKPASS")
-# The far side's program: `sudo nspawnctl` or a venv's path, as rsync's --rsync-path.
-REMOTE_COMMAND_VARIABLE = "NSPAWNCTL_REMOTE_COMMAND"
-# ssh's own failures (no route, refused key) exit 255; nspawnctl's never do.
-_SSH_FAILED = 255
 # Options of nspawnctl itself that take a value, as they may come before the verb.
-_VALUED = frozenset({"-H", "--host", "--config-dir", "--client-files"})
-_FILES_OPTION = "--client-files"
-_HOST = re.compile(r"[A-Za-z0-9._:%-]+")
-_USER = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
-
-
-@dataclass(frozen=True)
-class Destination:
-    """[USER@]HOST[:PORT]; an IPv6 address with a port in brackets ([::1]:2222)."""
-
-    host: str
-    user: str | None = None
-    port: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        user, at, rest = text.rpartition("@")
-        port: str | None = None
-        if rest.startswith("["):
-            host, bracket, tail = rest[1:].partition("]")
-            if not bracket or (tail and not tail.startswith(":")):
-                raise _bad_destination(text, "an IPv6 address goes in brackets: [::1]:22")
-            port = tail[1:] or None
-        elif rest.count(":") == 1:
-            host, _sep, port = rest.partition(":")
-        else:
-            host = rest  # a bare IPv6 address, or a name
-        # A leading "-" would be an option of ssh's (-oProxyCommand=...), not a host.
-        if not host or host.startswith("-") or not _HOST.fullmatch(host):
-            raise _bad_destination(text, "HOST is a name or an address")
-        if at and not _USER.fullmatch(user):
-            raise _bad_destination(text, "USER is a login name")
-        number = None
-        if port is not None:
-            if not port.isdigit() or not 0 < int(port) < 65536:
-                raise _bad_destination(text, "PORT is a number from 1 to 65535")
-            number = int(port)
-        return cls(host, user or None, number)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host and self.port else self.host
-        return (
-            (f"{self.user}@" if self.user else "") + host + (f":{self.port}" if self.port else "")
-        )
-
-
-def _bad_destination(text: str, hint: str) -> UsageError:
-    return UsageError(f"-H {text!r}: not [USER@]HOST[:PORT]", hint=hint)
-
-
-@dataclass(frozen=True)
-class Sent:
-    """A local file of the command line, and where it is on the far host."""
-
-    local: Path
-    remote: str
-    role: str  # "input" or "output"
-
-
-class Connection:
-    """ssh sessions to one host over one connection; use as a context manager."""
-
-    def __init__(self, destination: Destination, control_dir: Path) -> None:
-        self.destination = destination
-        self._control = control_dir / "c"
-        self.command = shlex.split(os.environ.get(REMOTE_COMMAND_VARIABLE) or "nspawnctl")
-
-    def argv(self, command: str, *, terminal: bool = False) -> list[str]:
-        argv = ["ssh", "-t" if terminal else "-T", "-o", "ControlMaster=auto"]
-        argv += ["-o", f"ControlPath={self._control}", "-o", "ControlPersist=60"]
-        if self.destination.user:
-            argv += ["-l", self.destination.user]
-        if self.destination.port:
-            argv += ["-p", str(self.destination.port)]
-        # "--": the host can never be taken for an option; the command is one word, which
-        # the far shell splits (ssh would join several with spaces anyway).
-        return [*argv, "--", self.destination.host, command]
-
-    def run(
-        self, command: str, *, input: bytes | None = None, what: str
-    ) -> subprocess.CompletedProcess[bytes]:
-        """A command on the far host, its output captured; ssh's own failure raised."""
-        pipe = subprocess.PIPE
-        stdin = pipe if input is not None else subprocess.DEVNULL
-        with spawn(
-            self.argv(command), keep=_SSH_KEEP, stdin=stdin, stdout=pipe, stderr=pipe
-        ) as proc:
-            out, err = proc.communicate(input)
-        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-        if done.returncode == _SSH_FAILED:
-            raise self.unreachable(done.stderr.decode(errors="replace"), what)
-        return done
-
-    def unreachable(self, stderr: str, what: str) -> OperationError:
-        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-        why = lines[-1] if lines else "ssh failed"
-        return OperationError(
-            f"{self.destination}: {what}: {why}",
-            hint=f"check `ssh {self.destination.host}` on its own: nspawnctl -H uses "
-            "your ssh config, keys and known_hosts",
-        )
-
-    def remote(self, args: Sequence[str]) -> str:
-        return shlex.join([*self.command, *args])
-
-    def check_version(self) -> None:
-        """The far nspawnctl, or a clear error before anything is done there."""
-        program = shlex.quote(self.command[0])
-        probe = f"command -v {program} >/dev/null 2>&1 || exit 127; {self.remote(['--version'])}"
-        done = self.run(probe, what="connecting")
-        found = done.stdout.decode(errors="replace").strip()
-        if done.returncode == 127:
-            raise OperationError(
-                f"{self.destination} has no {self.command[0]!r} on its PATH",
-                hint=f"install nspawnctl {__version__} there, or name it with "
-                f"{REMOTE_COMMAND_VARIABLE}=/path/to/nspawnctl",
-            )
-        version = found.removeprefix("nspawnctl ").strip()
-        if done.returncode != 0 or not compatible(version):
-            raise OperationError(
-                f"{self.destination} has nspawnctl {version or '(unknown version)'}, "
-                f"this is {__version__}: -H needs the same MAJOR.MINOR on both sides",
-                hint=f"install nspawnctl {__version__} on {self.destination.host}",
-            )
-
-    def send(self, files: Sequence[Sent]) -> str:
-        """The inputs copied into a new private directory there; its path. They go as
-        one tar stream into ssh, never whole in memory (an archive to import may be big)."""
-        make = 'd=$(mktemp -d /var/tmp/nspawnctl-client.XXXXXXXX) && echo "$d" && '
-        unpack = 'tar -x -f - -C "$d" --no-same-owner'
-        pipe = subprocess.PIPE
-        argv = self.argv(make + unpack)
-        with spawn(argv, keep=_SSH_KEEP, stdin=pipe, stdout=pipe, stderr=pipe) as proc:
-            assert proc.stdin is not None
-            try:
-                # The user's own files: a link in them means what it points at.
-                with tarfile.open(fileobj=proc.stdin, mode="w|", dereference=True) as tar:
-                    for sent in files:
-                        if sent.role == "input":
-                            tar.add(sent.local, arcname=Path(sent.remote).name)
-            except BrokenPipeError:
-                pass  # the far side gave up: its stderr says why
-            out, err = proc.communicate()  # ends the stream: closes ssh's stdin
-        stderr = err.decode(errors="replace")
-        if proc.returncode == _SSH_FAILED:
-            raise self.unreachable(stderr, "sending files")
-        directory: list[str] = out.decode(errors="replace").strip().splitlines()[:1]
-        if proc.returncode != 0 or not directory:
-            raise OperationError(f"{self.destination}: sending files failed: {stderr.strip()}")
-        return directory[0]
-
-    def fetch(self, sent: Sent) -> None:
-        """An output of the verb, written beside its local name and renamed into place."""
-        target = sent.local
-        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-        try:
-            with open(partial, "wb") as out:
-                argv = self.argv(shlex.join(["cat", "--", sent.remote]))
-                with spawn(argv, keep=_SSH_KEEP, stdout=out, stderr=subprocess.PIPE) as proc:
-                    _out, err = proc.communicate()
-            if proc.returncode != 0:
-                raise OperationError(
-                    f"{self.destination}: fetching {target}: {err.decode(errors='replace').strip()}"
-                )
-            partial.rename(target)
-        finally:
-            partial.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        """The master connection ended now, not when ControlPersist= runs out."""
-        argv = ["ssh", "-o", f"ControlPath={self._control}", "-O", "exit"]
-        argv += ["--", self.destination.host]
-        with contextlib.suppress(NspawnctlError):
-            spawn(argv, keep=_SSH_KEEP, stderr=subprocess.DEVNULL).wait()
-
-
-def compatible(version: str) -> bool:
-    """The same MAJOR.MINOR: the command line and --client-files mean the same there."""
-    return version.split(".")[:2] == __version__.split(".")[:2]
-
-
-@contextlib.contextmanager
-def connected(destination: Destination) -> Iterator[Connection]:
-    with tempfile.TemporaryDirectory(prefix="nspawnctl-ssh-") as control:
-        connection = Connection(destination, Path(control))
-        try:
-            yield connection
-        finally:
-            connection.close()
+_VALUED = frozenset({"-H", "--host", "--config-dir", FILES_OPTION})
 
 
 # --- the command line ---------------------------------------------------------------
@@ -318,18 +119,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequenc
 
 
 def _run_there(connection: Connection, verb: Sequence[str], files: Sequence[Sent]) -> int:
-    directory = connection.send(files) if files else ""
-    try:
-        sent = {str(f.local): f"{directory}/{f.remote}" for f in files}
-        if sent:
-            verb = [_FILES_OPTION, json.dumps(sent), *verb]
+    with connection.sent(files) as where:
         terminal = sys.stdin.isatty() and sys.stdout.isatty()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        argv = connection.argv(connection.remote(verb), terminal=terminal)
-        with spawn(argv, keep=_SSH_KEEP, stdin=None) as proc:
-            code = proc.wait()
-        if code == _SSH_FAILED:
+        code = connection.attached(connection.nspawnctl_argv(verb, where), terminal=terminal)
+        if code == SSH_FAILED:
             raise OperationError(
                 f"{connection.destination}: the connection was lost during the verb",
                 hint="it may have finished there: see `nspawnctl -H "
@@ -339,12 +134,9 @@ def _run_there(connection: Connection, verb: Sequence[str], files: Sequence[Sent
             for output in files:
                 if output.role == "output":
                     connection.fetch(
-                        Sent(output.local.absolute(), sent[str(output.local)], "output")
+                        Sent(output.local.absolute(), where[str(output.local)], "output")
                     )
         return code
-    finally:
-        if directory:
-            connection.run(shlex.join(["rm", "-rf", "--", directory]), what="cleaning up")
 
 
 # --- a fleet: one verb on several hosts ---------------------------------------------

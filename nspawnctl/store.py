@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import stat
 import tempfile
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nspawnctl.atomic import write_atomic
 from nspawnctl.bootstrap import bootstrapper
 from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.faults import checkpoint
@@ -352,3 +354,33 @@ def strip_identity(rootfs: Path) -> None:
     # Downloaded packages are of no use to containers; they only cost disk.
     for deb in (rootfs / "var/cache/apt/archives").glob("*.deb"):
         deb.unlink()
+
+
+def version_digest(version: Path) -> str:
+    """A digest of one version's whole tree: every name, its type, mode and owner, a
+    file's contents, a link's target, a device's number. Two hosts have the same version
+    of an image only if this is the same (`migrate` compares them: a name or a recipe
+    says what was asked for, not what was built). A version never changes once made, so
+    it is worked out once (seconds for a few hundred MB) and kept beside it."""
+    cache = version.parent / f".{version.name}.sha256"
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        kept = cache.read_text().strip()
+        if len(kept) == 64 and all(c in "0123456789abcdef" for c in kept):
+            return kept
+    total = hashlib.sha256()
+    for entry in walk(version):
+        st = entry.stat
+        name = os.fsencode(entry.path)
+        total.update(b"%s\0%o\0%d\0%d\0" % (name, st.st_mode, st.st_uid, st.st_gid))
+        if stat.S_ISREG(st.st_mode):
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            with open(os.open(entry.name, flags, dir_fd=entry.parent), "rb") as f:
+                total.update(hashlib.file_digest(f, "sha256").digest())
+        elif stat.S_ISLNK(st.st_mode):
+            total.update(os.fsencode(os.readlink(entry.name, dir_fd=entry.parent)))
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            total.update(b"%d" % st.st_rdev)
+    digest = total.hexdigest()
+    with contextlib.suppress(OSError):  # a read-only store: worked out again next time
+        write_atomic(cache, digest + "\n", 0o644)
+    return digest

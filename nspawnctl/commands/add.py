@@ -17,6 +17,7 @@ from nspawnctl.config import (
     parse_config,
 )
 from nspawnctl.errors import ConfigError, Exit, UsageError
+from nspawnctl.log import log
 from nspawnctl.paths import Paths
 
 
@@ -26,6 +27,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ("render", run_render, "print every file `add` would write, touching nothing"),
     ):
         p = add_verb(sub, verb, help_text, handler)
+        if verb == "add":
+            p.add_argument(
+                "--check",
+                action="store_true",
+                help="only check that it could be added here (name, ports); change nothing",
+            )
         add_name(p)
         add_file(
             p,
@@ -112,6 +119,10 @@ def _as_option_error(err: ConfigError) -> UsageError:
 
 def run_add(args: argparse.Namespace, paths: Paths) -> int:
     config, text = resolve(args, paths)
+    if args.check:
+        container.check_addable(paths, config)
+        log.info("%s can be added here", config.name)
+        return Exit.OK
     container.add(paths, config, text)
     return Exit.OK
 

@@ -16,7 +16,7 @@ from nspawnctl.log import log
 from nspawnctl.names import machine_name
 from nspawnctl.paths import Paths
 from nspawnctl.recipe import TEMPLATE, Recipe, parse_image
-from nspawnctl.store import Image, ImageStore
+from nspawnctl.store import Image, ImageStore, version_digest
 from nspawnctl.update import default_command, update_image
 
 
@@ -62,6 +62,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="a stopped container to copy",
     )
     parsers["list"].add_argument("--json", action="store_true", help="print JSON")
+    parsers["list"].add_argument(
+        "--digest",
+        action="store_true",
+        help="with --json: each current version's digest (worked out once, then kept)",
+    )
     for verb in ("update", "remove", "export"):
         parsers[verb].add_argument(
             "image", metavar="IMAGE", help="as in the YAML (debian:bookworm, template:NAME) or key"
@@ -126,6 +131,7 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
             "size_bytes": disk_usage(image.current),
             "containers": [c.name for c in users_of(paths, image)],
             "recipe": image.recipe.describe(),
+            **({"digest": version_digest(image.current)} if args.digest else {}),
         }
         for image in _store(paths).images()
     ]

@@ -194,6 +194,8 @@ def _layer_info(paths: Paths, name: str, config: ContainerConfig | None) -> dict
         "disk": dataclasses.asdict(own) if own else None,
         "uid_range": [base, base + RANGE - 1] if base else None,
         "image_version": version.name if version else None,
+        # Who it is: kept by export and import, and so by migrate (on another host).
+        "machine_id": layer.machine_id,
         "needs_restart": bool(mounted and current and mounted != current),
     }
 

@@ -42,10 +42,12 @@ def _wire(client: TestHost, server: TestHost, address: str) -> None:
     server.run(["ip", "link", "set", "eth0", "up"])
 
 
-def _serve_ssh(server: TestHost, client_key: str) -> None:
-    """sshd as on any host, root logging in with the client's key, and nspawnctl on the
-    PATH an ssh session gets (it runs from this checkout, as the tests' nspawnctl does)."""
-    server.write_file("/root/.ssh/authorized_keys", client_key, 0o600)
+def _serve_ssh(server: TestHost, keys: str) -> None:
+    """sshd as on any host, root logging in with the client's and the servers' keys
+    (migrate goes from server to server), and nspawnctl on the PATH an ssh session gets
+    (it runs from this checkout, as the tests' nspawnctl does)."""
+    server.write_file("/root/.ssh/authorized_keys", keys, 0o600)
+    server.write_file("/root/.ssh/config", "StrictHostKeyChecking accept-new\n", 0o600)
     server.write_file(
         "/usr/local/sbin/nspawnctl", f'#!/bin/sh\nexec {sys.executable} -m nspawnctl "$@"\n', 0o755
     )
@@ -65,11 +67,11 @@ def fleet(images: Path, servers: int = 2) -> Iterator[Fleet]:
         client.run(["ip", "link", "add", BRIDGE, "type", "bridge"])
         client.run(["ip", "address", "add", f"{SUBNET}.1/24", "dev", BRIDGE])
         client.run(["ip", "link", "set", BRIDGE, "up"])
-        key = client.run(["cat", f"{CLIENT_KEY}.pub"]).stdout
+        keys = "".join(h.run(["cat", f"{CLIENT_KEY}.pub"]).stdout for h in (client, *hosts))
         built = Fleet(client, tuple(hosts))
         for index, server in enumerate(hosts):
             _wire(client, server, built.address(index))
-            _serve_ssh(server, key)
+            _serve_ssh(server, keys)
         for index in range(servers):
             address = built.address(index)
             client.wait_for(

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from subprocess import CompletedProcess
+from subprocess import PIPE, CompletedProcess
 
 import pytest
 
@@ -264,3 +265,122 @@ def test_the_example_playbook_puts_a_directory_of_yaml_on_every_host(hosts: Flee
     finally:
         for address in servers:
             on_client(hosts, "-H", address, "remove", "db", check=False)
+
+
+# --- migrate ------------------------------------------------------------------------
+
+
+def _on(f: Fleet, server: int) -> set[str]:
+    """The containers a server has: YAML, units and layer."""
+    return {
+        row["name"] for row in json.loads(nspawnctl(f.servers[server], "list", "--json").stdout)
+    }
+
+
+def _machine_id(f: Fleet, server: int, name: str) -> str:
+    return str(
+        json.loads(nspawnctl(f.servers[server], "status", name, "--json").stdout)["machine_id"]
+    )
+
+
+def test_migrate_moves_a_running_container_with_its_data(hosts: Fleet) -> None:
+    a, b = hosts.address(0), hosts.address(1)
+    key = f"{CLIENT_KEY}.pub"
+    on_client(hosts, "-H", a, "add", "mover", "--ssh", "2600", "--key", key)
+    _far_ssh(hosts, 0, "2600", "head -c 1000000 /dev/urandom > /srv/data; sha256sum /srv/data")
+    data = _far_ssh(hosts, 0, "2600", "sha256sum /srv/data").split()[0]
+    identity = _machine_id(hosts, 0, "mover")
+    try:
+        moved = on_client(hosts, "-H", a, "migrate", "mover", "--to", b)
+        assert "moved to" in moved.stderr and "closed for" in moved.stderr, moved.stderr
+        assert "mover" not in _on(hosts, 0) and "mover" in _on(hosts, 1)
+        left = hosts.servers[0].run(["ls", "/var/lib/nspawnctl/layers"]).stdout.split()
+        assert "mover" not in left
+        # Its socket boots it there, with its data and its identity.
+        assert _far_ssh(hosts, 1, "2600", "sha256sum /srv/data").split()[0] == data
+        assert _machine_id(hosts, 1, "mover") == identity
+        refused = hosts.client.run([*ssh_argv(2600, "true")[:-2], f"root@{a}", "true"], check=False)
+        assert refused.returncode != 0
+
+        # A host whose ports clash: refused before anything changes on either side.
+        on_client(hosts, "-H", a, "add", "squat", "--ssh", "2600", "--key", key)
+        clash = on_client(hosts, "-H", b, "migrate", "mover", "--to", a, check=False)
+        assert clash.returncode != 0 and "2600" in clash.stderr, clash.stderr
+        assert "mover" in _on(hosts, 1) and "mover" not in _on(hosts, 0)
+        assert _far_ssh(hosts, 1, "2600", "hostname").strip() == "mover"
+    finally:
+        for index, name in ((0, "mover"), (1, "mover"), (0, "squat")):
+            nspawnctl(hosts.servers[index], "remove", name, check=False)
+
+
+# Each step of a migrate, by its checkpoint's name (migrate.py).
+MIGRATE_STEPS = ("checked", "socket closed", "exported", "sent", "imported there", "finishing")
+
+
+def _migrate_on(
+    f: Fleet, src: int, dst: int, *, env: dict[str, str] | None = None, check: bool = True
+) -> CompletedProcess[str]:
+    argv = [sys.executable, "-m", "nspawnctl", "migrate", "roamer", "--to", f.address(dst)]
+    return f.servers[src].run(argv, env=env, check=check, timeout=300)
+
+
+def _whole_on_one_side(f: Fleet, src: int, dst: int, data: str) -> None:
+    """After a kill: it is here, with its layer, or there with its socket listening."""
+    here, there = "roamer" in _on(f, src), "roamer" in _on(f, dst)
+    assert here or there
+    if there:
+        status = json.loads(nspawnctl(f.servers[dst], "status", "roamer", "--json").stdout)
+        assert status["socket"]["state"] == "listening"
+    if here:
+        layer = "/var/lib/nspawnctl/layers/roamer/upper/srv/data"
+        assert f.servers[src].run(["sha256sum", layer]).stdout.split()[0] == data
+
+
+def test_a_migrate_killed_at_each_step_is_finished_by_running_it_again(hosts: Fleet) -> None:
+    key = f"{CLIENT_KEY}.pub"
+    on_client(hosts, "-H", hosts.address(0), "add", "roamer", "--ssh", "2700", "--key", key)
+    _far_ssh(hosts, 0, "2700", "head -c 300000 /dev/urandom > /srv/data")
+    data = _far_ssh(hosts, 0, "2700", "sha256sum /srv/data").split()[0]
+    src, dst = 0, 1
+    try:
+        for step in MIGRATE_STEPS:
+            killed = _migrate_on(hosts, src, dst, env={"NSPAWNCTL_KILL_AT": step}, check=False)
+            assert killed.returncode != 0 and "SIGKILL at migrate: " in killed.stderr, (
+                step,
+                killed.stderr,
+            )
+            _whole_on_one_side(hosts, src, dst, data)
+            again = _migrate_on(hosts, src, dst)
+            assert "roamer" not in _on(hosts, src) and "roamer" in _on(hosts, dst), again.stderr
+            assert _far_ssh(hosts, dst, "2700", "sha256sum /srv/data").split()[0] == data
+            src, dst = dst, src  # the next step moves it back
+
+        # A connection cut while the archive is on its way: kept here, stopped and
+        # whole; the far side has nothing; running it again finishes.
+        argv = [sys.executable, "-m", "nspawnctl", "migrate", "roamer", "--to", hosts.address(dst)]
+        verb = hosts.servers[src].popen(
+            argv, env={"NSPAWNCTL_PAUSE_AT": "roamer sent"}, stdout=PIPE, stderr=PIPE
+        )
+        paused = ["sh", "-c", "ps -o stat= -p $(pgrep -f 'nspawnctl migrate roamer') | grep -q T"]
+        hosts.servers[src].wait_for(
+            lambda: hosts.servers[src].run(paused, check=False).returncode == 0,
+            timeout=120,
+            what="migrate paused with the archive sent",
+        )
+        hosts.servers[dst].run(["ip", "link", "set", "eth0", "down"])
+        try:
+            hosts.servers[src].run(["pkill", "-CONT", "-f", "nspawnctl migrate roamer"])
+            verb.send_signal(signal.SIGCONT)  # nsenter, out here, stopped itself with its child
+            _out, err = verb.communicate(timeout=300)
+        finally:
+            hosts.servers[dst].run(["ip", "link", "set", "eth0", "up"])
+        assert verb.returncode == 1 and "import: ssh:" in err, err
+        assert "roamer" in _on(hosts, src) and "roamer" not in _on(hosts, dst)
+        settled = nspawnctl(hosts.servers[src], "list")
+        assert "`migrate roamer`" in settled.stderr and "was cut short" in settled.stderr
+        _migrate_on(hosts, src, dst)
+        assert _far_ssh(hosts, dst, "2700", "sha256sum /srv/data").split()[0] == data
+        assert "roamer" not in _on(hosts, src)
+    finally:
+        for server in hosts.servers:
+            nspawnctl(server, "remove", "roamer", check=False)

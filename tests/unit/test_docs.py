@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nspawnctl import cli, config, paths, pubkeys, remote
+from nspawnctl import cli, config, paths, pubkeys, ssh
 from nspawnctl.metrics import FAMILIES
 from nspawnctl.schema import dotted_keys
 
@@ -222,7 +222,7 @@ def test_every_global_option_is_under_options(option: str) -> None:
 
 
 # Besides the locations: the far program of -H.
-VARIABLES = {**paths.environment_variables(), remote.REMOTE_COMMAND_VARIABLE: "nspawnctl"}
+VARIABLES = {**paths.environment_variables(), ssh.REMOTE_COMMAND_VARIABLE: "nspawnctl"}
 
 
 @pytest.mark.parametrize(("variable", "default"), VARIABLES.items())

@@ -12,7 +12,7 @@ import pytest
 from nspawnctl import remote
 from nspawnctl.cli import build_parser
 from nspawnctl.errors import UsageError
-from nspawnctl.remote import Destination
+from nspawnctl.ssh import Destination, Sent
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_the_far_side_gets_the_command_line_without_its_hosts(
     assert remote.verb_argv(argv) == far
 
 
-def _roundtrip(argv: list[str], where: str) -> tuple[list[remote.Sent], argparse.Namespace]:
+def _roundtrip(argv: list[str], where: str) -> tuple[list[Sent], argparse.Namespace]:
     """The client's view of argv's files, then what the far side reads them as."""
     parser = build_parser()
     args = parser.parse_args(argv)

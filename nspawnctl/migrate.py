@@ -1,0 +1,190 @@
+"""`nspawnctl migrate NAME --to HOST`: a container moved, with its data, to another host's
+nspawnctl over ssh (ssh.py), as OpenVZ's vzmigrate moves one.
+
+It is built of what each side already does whole: `export` of the layer here, `import`
+there (all or nothing), `remove` here. In order:
+1. ask, changing nothing: the far nspawnctl's version; that NAME is free there and its
+   addresses too (`add --check`); that the image version the layer sits on is there,
+   the very one (by its digest, version_digest: not by name);
+2. close the socket here (a connection is refused, not booted here), power the
+   container off, export its layer;
+3. send the archive, check its digest there, import it: the socket listens there;
+4. remove it here (or keep it stopped, --keep).
+Its record (intent.py) is written before step 2. Until step 3 has begun, a failure
+opens the socket here again, as if nothing happened. From then on the far side may
+have it: nothing here is taken back or removed on a guess. A cut connection, or a kill
+anywhere, leaves the record, the container stopped and whole here, and perhaps whole
+there too, listening; running `migrate` again finishes (it is there, with this machine-id:
+remove it here) or starts again (it is not), and `migrate --abort` opens it here again."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nspawnctl import container, export
+from nspawnctl.backup import require_container
+from nspawnctl.bus import Systemd
+from nspawnctl.errors import OperationError, UsageError
+from nspawnctl.faults import checkpoint
+from nspawnctl.intent import Intent
+from nspawnctl.layers import Layer, mounted_lower
+from nspawnctl.names import socket_unit
+from nspawnctl.paths import Paths
+from nspawnctl.ssh import Connection, Destination, Sent, connected
+from nspawnctl.store import version_digest
+
+VERB = "migrate"
+
+
+@dataclass(frozen=True)
+class Moved:
+    name: str
+    destination: Destination
+    closed_seconds: float  # from closing the socket here to its listening there
+    finished_only: bool  # an earlier, interrupted migrate had done the copy
+
+
+def pending(paths: Paths, name: str) -> Path | None:
+    """The record of a migrate of NAME that was cut short, if there is one."""
+    path = paths.intent_dir / f"{VERB}-{name}.json"
+    return path if path.exists() else None
+
+
+def migrate(paths: Paths, name: str, destination: Destination, *, keep: bool) -> Moved:
+    _config, config_text = require_container(paths, name)
+    layer = Layer.of(paths, name)
+    machine_id = layer.machine_id
+    with connected(destination) as far:
+        far.check_version()
+        there = _status(far, name)
+        if there is not None:
+            if pending(paths, name) and machine_id and there.get("machine_id") == machine_id:
+                # An earlier migrate got it there whole: only this side is left to do.
+                _finish(paths, name, keep)
+                return Moved(name, destination, 0.0, finished_only=True)
+            raise UsageError(
+                f"{destination} has a container {name!r} already",
+                hint=f"remove it there first, or `nspawnctl -H {destination} list`",
+            )
+        with tempfile.TemporaryDirectory(prefix="nspawnctl-migrate-") as tmp:
+            yaml = Path(tmp) / f"{name}.yaml"
+            yaml.write_text(config_text)
+            far.call(["add", "--check", name, "-f", str(yaml)], [Sent(yaml, "0.yaml", "input")])
+            _check_image(paths, far, name)
+            checkpoint(f"migrate: {name} checked")
+            return _move(paths, name, far, Path(tmp), keep)
+
+
+def _move(paths: Paths, name: str, far: Connection, tmp: Path, keep: bool) -> Moved:
+    socket = socket_unit(name)
+    record = Intent(paths.intent_dir, VERB, name, options=(str(far.destination),))
+    started = time.monotonic()
+    sent = False  # from here on the far side may have it: nothing is taken back
+    try:
+        with Systemd.connect() as systemd:
+            enabled = systemd.unit_file_state(socket) == "enabled"
+            systemd.stop(socket)
+            checkpoint(f"migrate: {name}'s socket closed")
+            container.stop_container(systemd, name)
+        archive = tmp / f"{name}.tar.zst"
+        export.export(paths, name, archive, full=False, force=False)
+        checkpoint(f"migrate: {name} exported")
+        digest = _sha256(archive)
+        sent = True
+        with far.sent([Sent(archive, "0.tar.zst", "input")]) as where:
+            received = far.run(f"sha256sum -- {where[str(archive)]}", what="checking").stdout
+            if received.decode(errors="replace").split()[:1] != [digest]:
+                raise OperationError(
+                    f"{far.destination}: the archive of {name} arrived damaged",
+                    hint="run `nspawnctl migrate` again",
+                )
+            checkpoint(f"migrate: {name} sent")
+            far.call_sent(["import", str(archive)], where)
+        checkpoint(f"migrate: {name} imported there")
+        if enabled:
+            far.call(["enable", name])
+        there = _status(far, name)
+        if there is None or there["socket"]["state"] != "listening":
+            raise OperationError(f"{far.destination}: {name}'s socket does not listen there")
+        closed = time.monotonic() - started
+        _finish(paths, name, keep)
+    except BaseException:
+        if sent:
+            record.close()  # kept: migrate again to finish, or --abort
+            raise
+        _reopen(name)
+        record.done()
+        raise
+    record.done()
+    return Moved(name, far.destination, closed, finished_only=False)
+
+
+def _finish(paths: Paths, name: str, keep: bool) -> None:
+    """It listens there: here it is removed, or kept stopped and not listening."""
+    checkpoint(f"migrate: finishing {name} here")
+    if keep:
+        with Systemd.connect() as systemd:
+            systemd.stop(socket_unit(name))
+            systemd.disable([socket_unit(name)])
+    else:
+        container.remove(paths, name)
+    path = pending(paths, name)
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+def abort(paths: Paths, name: str) -> None:
+    """A migrate cut short, taken back here: the socket listens again. The far host may
+    have a copy of it, which this side cannot know: the caller says so."""
+    path = pending(paths, name)
+    if path is None:
+        raise UsageError(f"no migrate of {name} to take back")
+    container.require_installed(paths, name)
+    _reopen(name)
+    path.unlink(missing_ok=True)
+
+
+def _reopen(name: str) -> None:
+    with contextlib.suppress(OperationError), Systemd.connect() as systemd:
+        systemd.start(socket_unit(name))
+
+
+def _status(far: Connection, name: str) -> dict[str, Any] | None:
+    """The far side's `status NAME --json`, or None if it has no such container."""
+    rows = json.loads(far.call(["list", "--json"]) or "[]")
+    if name not in {row["name"] for row in rows}:
+        return None
+    status: dict[str, Any] = json.loads(far.call(["status", name, "--json"]))
+    return status
+
+
+def _check_image(paths: Paths, far: Connection, name: str) -> None:
+    """The layer is a difference against one exact image version: it must be the
+    current version there, by content."""
+    config, _text = require_container(paths, name)
+    version = mounted_lower(paths.machine_dir(name)) or container.installed_lower(paths, name)
+    if version is None:
+        raise OperationError(f"{name}: the image version its layer sits on is not here")
+    ours = version_digest(version)
+    images = json.loads(far.call(["image", "list", "--json", "--digest"]))
+    theirs = next((i for i in images if i["key"] == config.image.key), None)
+    if theirs is None or theirs.get("digest") != ours:
+        what = "has no" if theirs is None else f"has another version ({theirs['version']}) of"
+        raise OperationError(
+            f"{far.destination} {what} the image {config.image.image} ({config.image.key}) "
+            f"that {name}'s layer sits on here ({version.name}, digest {ours[:12]})",
+            hint="moving an image is not done yet: `export --full` here and `import` "
+            "there move the whole tree as a template",
+        )
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
