@@ -35,6 +35,7 @@ from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.faults import checkpoint
 from nspawnctl.intent import Intent
 from nspawnctl.layers import Layer, mounted_lower
+from nspawnctl.log import log
 from nspawnctl.names import socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.ssh import Connection, Destination, Sent, connected
@@ -111,13 +112,22 @@ def _move(paths: Paths, name: str, far: Connection, tmp: Path, keep: bool) -> Mo
         if enabled:
             far.call(["enable", name])
         there = _status(far, name)
-        if there is None or there["socket"]["state"] != "listening":
-            raise OperationError(f"{far.destination}: {name}'s socket does not listen there")
+        # "running": a connection has booted it there already.
+        if there is None or there["socket"]["state"] not in ("listening", "running"):
+            state = there["socket"]["state"] if there else "missing"
+            raise OperationError(f"{far.destination}: {name}'s socket is {state} there")
         closed = time.monotonic() - started
         _finish(paths, name, keep)
     except BaseException:
         if sent:
             record.close()  # kept: migrate again to finish, or --abort
+            log.error(
+                "%s is stopped here and may be on %s already: run this migrate again to "
+                "finish it, or `nspawnctl migrate --abort %s` to listen here again",
+                name,
+                far.destination,
+                name,
+            )
             raise
         _reopen(name)
         record.done()
