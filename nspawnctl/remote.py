@@ -179,7 +179,9 @@ def _ask(destination: Destination, verb: Sequence[str]) -> tuple[Any, str | None
             done = connection.run(connection.remote(verb), what="asking")
             if done.returncode not in (Exit.OK, Exit.FAILED) or not done.stdout.strip():
                 lines = done.stderr.decode(errors="replace").strip().splitlines()
-                return None, (lines[-1] if lines else f"exit code {done.returncode}")
+                # Its own error line, not the hint after it.
+                said = [x.removeprefix("nspawnctl: error: ") for x in lines if "error: " in x]
+                return None, (said or lines or [f"exit code {done.returncode}"])[-1]
             return json.loads(done.stdout), None
     except NspawnctlError as err:
         return None, err.message

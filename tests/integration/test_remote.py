@@ -114,6 +114,13 @@ def test_a_fleet_list_has_a_host_column_and_a_row_for_a_host_that_is_down(
         down = [line for line in lines if line.startswith(DOWN)]
         assert len(down) == 1 and "error:" in down[0], listed.stdout
 
+        # status of a fleet: the host that has no such container says so in its row.
+        status = on_client(hosts, "-H", a, "-H", b, "status", "one", check=False)
+        assert status.returncode == 1
+        by_host = {line.split()[0]: line for line in status.stdout.splitlines()[1:]}
+        assert by_host[a].split()[1:3] == ["one", "listening"], status.stdout
+        assert "error: no container 'one'" in by_host[b], status.stdout
+
         rows_json = json.loads(on_client(hosts, "-H", a, "-H", b, "list", "--json").stdout)
         assert sorted((r["host"], r["name"]) for r in rows_json) == [(a, "one"), (b, "two")]
     finally:
