@@ -20,6 +20,7 @@ remove it here) or starts again (it is not), and `migrate --abort` opens it here
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import tempfile
@@ -36,7 +37,7 @@ from nspawnctl.faults import checkpoint
 from nspawnctl.intent import Intent
 from nspawnctl.layers import Layer, mounted_lower
 from nspawnctl.log import log
-from nspawnctl.names import socket_unit
+from nspawnctl.names import service_unit, socket_unit
 from nspawnctl.paths import Paths
 from nspawnctl.ssh import Connection, Destination, Sent, connected
 from nspawnctl.store import version_digest
@@ -67,14 +68,27 @@ def migrate(paths: Paths, name: str, destination: Destination, *, keep: bool) ->
         there = _status(far, name)
         if there is not None:
             if pending(paths, name) and machine_id and there.get("machine_id") == machine_id:
-                # An earlier migrate got it there whole: only this side is left to do.
+                # An earlier migrate got it there whole: only this side is left to do,
+                # unless it ran here since (a reboot, a start): then what it wrote here
+                # is not there, and removing it here would lose it.
+                with Systemd.connect() as systemd:
+                    if not _quiet(systemd, name):
+                        raise OperationError(
+                            f"{name} runs or listens here again since its migrate was cut "
+                            f"short, and {destination} has a copy of it",
+                            hint=f"keep one: `nspawnctl migrate --abort {name}` and remove it "
+                            f"there, or stop it here and run this again",
+                        )
                 _finish(paths, name, keep)
                 return Moved(name, destination, 0.0, finished_only=True)
             raise UsageError(
                 f"{destination} has a container {name!r} already",
                 hint=f"remove it there first, or `nspawnctl -H {destination} list`",
             )
-        with tempfile.TemporaryDirectory(prefix="nspawnctl-migrate-") as tmp:
+        # Beside the layers, not in /tmp (often a small tmpfs): the archive is as big
+        # as the layer.
+        paths.state_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".migrate-", dir=paths.state_dir) as tmp:
             yaml = Path(tmp) / f"{name}.yaml"
             yaml.write_text(config_text)
             far.call(["add", "--check", name, "-f", str(yaml)], [Sent(yaml, "0.yaml", "input")])
@@ -85,15 +99,26 @@ def migrate(paths: Paths, name: str, destination: Destination, *, keep: bool) ->
 
 def _move(paths: Paths, name: str, far: Connection, tmp: Path, keep: bool) -> Moved:
     socket = socket_unit(name)
-    record = Intent(paths.intent_dir, VERB, name, options=(str(far.destination),))
+    with Systemd.connect() as systemd:
+        enabled = systemd.unit_file_state(socket) == "enabled"
+    # "enabled": migrate disables it meanwhile, and taking back enables it again.
+    options = (str(far.destination), *(("enabled",) if enabled else ()))
+    record = Intent(paths.intent_dir, VERB, name, options=options)
     started = time.monotonic()
     sent = False  # from here on the far side may have it: nothing is taken back
     try:
         with Systemd.connect() as systemd:
-            enabled = systemd.unit_file_state(socket) == "enabled"
+            if enabled:  # a reboot meanwhile must not open it here again
+                systemd.disable([socket])
+                systemd.reload()
             systemd.stop(socket)
             checkpoint(f"migrate: {name}'s socket closed")
             container.stop_container(systemd, name)
+            # A boot under way when the socket closed is let finish and then stopped, and
+            # may start the socket again: closed again, and both must stay so now.
+            systemd.stop(socket)
+            if not _quiet(systemd, name):
+                raise OperationError(f"{name} started again here while it was being stopped")
         archive = tmp / f"{name}.tar.zst"
         export.export(paths, name, archive, full=False, force=False)
         checkpoint(f"migrate: {name} exported")
@@ -129,7 +154,7 @@ def _move(paths: Paths, name: str, far: Connection, tmp: Path, keep: bool) -> Mo
                 name,
             )
             raise
-        _reopen(name)
+        _reopen(name, record.path)
         record.done()
         raise
     record.done()
@@ -156,19 +181,43 @@ def abort(paths: Paths, name: str) -> None:
     path = pending(paths, name)
     if path is None:
         raise UsageError(f"no migrate of {name} to take back")
-    container.require_installed(paths, name)
-    _reopen(name)
-    path.unlink(missing_ok=True)
+    with open(path, "rb") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                f"the migrate of {name} is still running", hint="wait for it, or stop it first"
+            ) from None
+        if container.is_installed(paths, name):
+            _reopen(name, path)
+        path.unlink(missing_ok=True)  # a container removed meanwhile: nothing to reopen
 
 
-def _reopen(name: str) -> None:
+def _reopen(name: str, record: Path | None = None) -> None:
+    """The socket here listens again, and is enabled again if migrate disabled it."""
     with contextlib.suppress(OperationError), Systemd.connect() as systemd:
+        if record is not None and '"enabled"' in record.read_text():
+            systemd.enable([socket_unit(name)])
+            systemd.reload()
         systemd.start(socket_unit(name))
+
+
+def _quiet(systemd: Systemd, name: str) -> bool:
+    """Neither its socket nor its container is active or starting here."""
+    units = [socket_unit(name), service_unit(name)]
+    return all(s.active in ("inactive", "failed") for s in systemd.states(units).values())
 
 
 def _status(far: Connection, name: str) -> dict[str, Any] | None:
     """The far side's `status NAME --json`, or None if it has no such container."""
-    rows = json.loads(far.call(["list", "--json"]) or "[]")
+    # `list` exits 1 when some other YAML there is broken: its rows still count.
+    done = far.run(far.remote(["list", "--json"]), what="list")
+    try:
+        rows = json.loads(done.stdout or b"[]")
+    except ValueError:
+        far.call(["list", "--json"])  # raises its error
+        raise
+
     if name not in {row["name"] for row in rows}:
         return None
     status: dict[str, Any] = json.loads(far.call(["status", name, "--json"]))

@@ -162,17 +162,20 @@ class Connection:
         """The inputs copied into a new private directory there; its path. They go as
         one tar stream into ssh, never whole in memory (an archive to import may be big)."""
         make = 'd=$(mktemp -d /var/tmp/nspawnctl-client.XXXXXXXX) && echo "$d" && '
-        unpack = 'tar -x -f - -C "$d" --no-same-owner'
+        # A tar that fails (a full disk, a cut stream) leaves nothing behind there.
+        unpack = 'tar -x -f - -C "$d" || { rm -rf -- "$d"; exit 1; }'
         pipe = subprocess.PIPE
         argv = self.argv(make + unpack)
         with spawn(argv, keep=_SSH_KEEP, stdin=pipe, stdout=pipe, stderr=pipe) as proc:
             assert proc.stdin is not None
             try:
-                # The user's own files: a link in them means what it points at.
-                with tarfile.open(fileobj=proc.stdin, mode="w|", dereference=True) as tar:
+                # The path given is the user's: where it leads is meant. What is inside a
+                # directory goes as it is: a root filesystem's links are its own, never
+                # this machine's files (etc/alternatives, lib -> usr/lib), and owners stay.
+                with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
                     for sent in files:
                         if sent.role == "input":
-                            tar.add(sent.local, arcname=Path(sent.remote).name)
+                            tar.add(sent.local.resolve(), arcname=Path(sent.remote).name)
             except BrokenPipeError:
                 pass  # the far side gave up: its stderr says why
             out, err = proc.communicate()  # ends the stream: closes ssh's stdin
@@ -234,9 +237,11 @@ class Connection:
     def fetch(self, sent: Sent) -> None:
         """An output of the verb, written beside its local name and renamed into place."""
         target = sent.local
-        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        # A name nobody can guess or plant a link at (O_EXCL), in the target's directory.
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        partial = Path(name)
         try:
-            with open(partial, "wb") as out:
+            with open(fd, "wb") as out:
                 argv = self.argv(shlex.join(["cat", "--", sent.remote]))
                 with spawn(argv, keep=_SSH_KEEP, stdout=out, stderr=subprocess.PIPE) as proc:
                     _out, err = proc.communicate()

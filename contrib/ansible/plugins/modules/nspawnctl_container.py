@@ -100,7 +100,15 @@ class Nspawnctl:
         return rc, out, err
 
     def status(self, name: str) -> dict | None:
-        rows = json.loads(self.run("list", "--json")[1] or "[]")
+        # `list` exits 1 when another container's YAML there is broken: its rows still
+        # count (this task may be the one that mends it).
+        _rc, out, _err = self.run("list", "--json", check=False)
+        try:
+            rows = json.loads(out or "[]")
+        except ValueError:
+            self.run("list", "--json")  # fails with nspawnctl's own message
+            raise
+
         if name not in {row["name"] for row in rows}:
             return None
         return json.loads(self.run("status", name, "--json")[1])
