@@ -36,10 +36,12 @@ def host(private_store: Path) -> Iterator[TestHost]:
 
 
 def killed_at(host: TestHost, point: int, *args: str) -> CompletedProcess[str]:
+    # An image update copies the whole image: on a loaded CI machine one took over 120 s.
     return host.run(
         [sys.executable, "-m", "nspawnctl", *args],
         check=False,
         env={"NSPAWNCTL_KILL_AT": str(point)},
+        timeout=600,
     )
 
 
