@@ -5,7 +5,8 @@ It is built of what each side already does whole: `export` of the layer here, `i
 there (all or nothing), `remove` here. In order:
 1. ask, changing nothing: the far nspawnctl's version; that NAME is free there and its
    addresses too (`add --check`); that the image version the layer sits on is there,
-   the very one (by its digest, version_digest: not by name);
+   the very one (by its digest, version_digest: not by name). If the far store has no
+   image of that recipe, the version is sent there (a cache: nothing to take back);
 2. close the socket here (a connection is refused, not booted here), power the
    container off, export its layer;
 3. send the archive, check its digest there, import it: the socket listens there;
@@ -31,6 +32,7 @@ from typing import Any
 
 from nspawnctl import container, export
 from nspawnctl.backup import require_container
+from nspawnctl.bootstrap import tar
 from nspawnctl.bus import Systemd
 from nspawnctl.errors import OperationError, UsageError
 from nspawnctl.faults import checkpoint
@@ -92,7 +94,9 @@ def migrate(paths: Paths, name: str, destination: Destination, *, keep: bool) ->
             yaml = Path(tmp) / f"{name}.yaml"
             yaml.write_text(config_text)
             far.call(["add", "--check", name, "-f", str(yaml)], [Sent(yaml, "0.yaml", "input")])
-            _check_image(paths, far, name)
+            missing = _missing_image(paths, far, name)
+            if missing is not None:
+                _send_image(far, missing, Path(tmp))
             checkpoint(f"migrate: {name} checked")
             return _move(paths, name, far, Path(tmp), keep)
 
@@ -224,9 +228,10 @@ def _status(far: Connection, name: str) -> dict[str, Any] | None:
     return status
 
 
-def _check_image(paths: Paths, far: Connection, name: str) -> None:
-    """The layer is a difference against one exact image version: it must be the
-    current version there, by content."""
+def _missing_image(paths: Paths, far: Connection, name: str) -> Path | None:
+    """The layer is a difference against one exact image version, which must be the
+    current version there, by content (version_digest, not by name). None if it is;
+    the version to send if the far host has no image of that recipe at all."""
     config, _text = require_container(paths, name)
     version = mounted_lower(paths.machine_dir(name)) or container.installed_lower(paths, name)
     if version is None:
@@ -234,14 +239,40 @@ def _check_image(paths: Paths, far: Connection, name: str) -> None:
     ours = version_digest(version)
     images = json.loads(far.call(["image", "list", "--json", "--digest"]))
     theirs = next((i for i in images if i["key"] == config.image.key), None)
-    if theirs is None or theirs.get("digest") != ours:
-        what = "has no" if theirs is None else f"has another version ({theirs['version']}) of"
+    if theirs is None:
+        return version
+    if theirs.get("digest") != ours:
+        # Sending ours as its current version would change what every container there
+        # made of it starts on next: an image update of that host, not this verb's to do.
         raise OperationError(
-            f"{far.destination} {what} the image {config.image.image} ({config.image.key}) "
-            f"that {name}'s layer sits on here ({version.name}, digest {ours[:12]})",
-            hint="moving an image is not done yet: `export --full` here and `import` "
-            "there move the whole tree as a template",
+            f"{far.destination} has another version ({theirs['version']}, digest "
+            f"{str(theirs.get('digest'))[:12]}) of the image {config.image.image} "
+            f"({config.image.key}) that {name}'s layer sits on here ({version.name}, "
+            f"digest {ours[:12]})",
+            hint="bring both to the same version first (`nspawnctl image update` here "
+            "or there), or `export --full` here and `import` there (a template)",
         )
+    return None
+
+
+def _send_image(far: Connection, version: Path, tmp: Path) -> None:
+    """The image version goes to the far store under its own recipe and key, checked
+    there against its digest. While the container still runs here: an image is only a
+    cache there, and a migrate that stops later leaves it for the next one."""
+    recipe = version.parent / "recipe.json"
+    archive = tmp / "image.tar.zst"
+    tar.create(archive, [(version, ["."])])
+    log.info(
+        "%s has no image %s: sending it (%.0f MB)",
+        far.destination,
+        version.parent.name,
+        archive.stat().st_size / 2**20,
+    )
+    verb = ["image", "import", str(archive), "--recipe", str(recipe)]
+    verb += ["--digest", version_digest(version)]
+    far.call(verb, [Sent(archive, "image.tar.zst", "input"), Sent(recipe, "recipe.json", "input")])
+    archive.unlink()
+    checkpoint(f"migrate: image {version.parent.name} sent")
 
 
 def _sha256(path: Path) -> str:

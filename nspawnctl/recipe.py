@@ -136,3 +136,33 @@ def with_bootstrap(
     if source:
         raise BootstrapError("source", "only for the tar and directory methods of template:NAME")
     return dataclasses.replace(recipe, mirror=mirror, packages=tuple(sorted(set(packages))))
+
+
+def received_recipe(text: str) -> Recipe:
+    """A recipe.json from another host's store (migrate sends one with its image), taken
+    only if the YAML could have asked for it: its key, a directory name in the store, is
+    then one of ours (never a path). ValueError says what is wrong."""
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"not JSON: {err}") from None
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    if not isinstance(data, dict) or not set(data) <= fields or "method" not in data:
+        raise ValueError(f"not a recipe (an object of {', '.join(sorted(fields))})")
+    if not all(isinstance(v, str | None) for k, v in data.items() if k != "packages"):
+        raise ValueError("every field but packages is a string or null")
+    packages = data.get("packages") or []
+    if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
+        raise ValueError("packages is a list of strings")
+    recipe = Recipe(**{**data, "packages": tuple(packages)})
+    base = parse_image(recipe.image)
+    again = with_bootstrap(
+        base,
+        method=recipe.method,
+        mirror=recipe.mirror,
+        packages=recipe.packages,
+        source=recipe.source,
+    )
+    if again != recipe:
+        raise ValueError(f"not a recipe nspawnctl makes: {recipe.describe()}")
+    return recipe

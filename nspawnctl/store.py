@@ -123,20 +123,52 @@ class ImageStore:
     def import_tree(self, recipe: Recipe, source: Path) -> Image:
         """A new image from an existing root filesystem tree (a template)."""
         with self.locked():
-            if self.find(recipe) is not None:
-                raise UsageError(
-                    f"image {recipe.image} exists already",
-                    hint=f"`nspawnctl image remove {recipe.image}` first",
-                )
+            self._refuse_existing(recipe)
             return self._build(recipe, lambda rootfs, _progress: _copy_tree(source, rootfs))
 
-    def _build(self, recipe: Recipe, fill: Callable[[Path, Progress], None]) -> Image:
+    def receive(self, recipe: Recipe, archive: Path, digest: str | None = None) -> Image:
+        """Image `recipe` made of an archive of one of its versions from another host
+        (`image export` there): under the recipe's own key, so the containers that name
+        it find it here and nothing is built again. The archive is read as every imported
+        one is (bootstrap/tar.py: it may be hostile). `digest`: the version_digest the
+        version had there; another one here and nothing is kept."""
+        unpacked = Recipe(method="tar", source=str(archive))
+        builder = bootstrapper("tar")
+        builder.check(unpacked)
+        with self.locked():
+            self._refuse_existing(recipe)
+            return self._build(
+                recipe,
+                lambda rootfs, progress: builder.build(unpacked, rootfs, progress),
+                digest=digest,
+            )
+
+    def _refuse_existing(self, recipe: Recipe) -> None:
+        if self.find(recipe) is not None:
+            raise UsageError(
+                f"image {recipe.image} ({recipe.key}) exists already",
+                hint=f"`nspawnctl image remove {recipe.key}` first",
+            )
+
+    def _build(
+        self,
+        recipe: Recipe,
+        fill: Callable[[Path, Progress], None],
+        *,
+        digest: str | None = None,
+    ) -> Image:
         staging = Path(tempfile.mkdtemp(prefix=f".build-{recipe.key}-", dir=self.root))
         try:
             progress = Progress(f"building {recipe.image}")
             log.info("building image %s (%s)", recipe.image, recipe.describe())
             fill(staging / "v1", progress)
             finish_rootfs(staging / "v1", recipe.source or recipe.image)
+            if digest is not None and (made := version_digest(staging / "v1")) != digest:
+                raise OperationError(
+                    f"image {recipe.image}: what arrived is not the version it was made "
+                    f"of (digest {made[:12]}, expected {digest[:12]})",
+                    hint="export it again; see `nspawnctl image list --json --digest` there",
+                )
             (staging / "recipe.json").write_text(recipe.to_json())
             (staging / "current").symlink_to("v1")
             staging.chmod(0o755)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from nspawnctl.guesttree import disk_usage
 from nspawnctl.log import log
 from nspawnctl.names import machine_name
 from nspawnctl.paths import Paths
-from nspawnctl.recipe import TEMPLATE, Recipe, parse_image
+from nspawnctl.recipe import TEMPLATE, Recipe, parse_image, received_recipe
 from nspawnctl.store import Image, ImageStore, version_digest
 from nspawnctl.update import default_command, update_image
 
@@ -93,7 +94,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=Path,
         help="a .tar[.gz|.xz|.zst] archive or a directory",
     )
-    parsers["import"].add_argument("name", metavar="NAME", help="the new image is template:NAME")
+    parsers["import"].add_argument(
+        "name", metavar="NAME", nargs="?", help="the new image is template:NAME"
+    )
+    add_file(
+        parsers["import"],
+        "--recipe",
+        role="input",
+        metavar="RECIPE",
+        type=Path,
+        help="instead of NAME: the recipe.json of the image the archive was exported from "
+        "on another host; the image gets its key, and containers naming it find it",
+    )
+    parsers["import"].add_argument(
+        "--digest",
+        metavar="SHA256",
+        help="with --recipe: the version's digest there (image list --json --digest); "
+        "if what arrived differs, nothing is kept",
+    )
 
 
 def _recipe(value: str) -> Recipe:
@@ -216,10 +234,16 @@ def run_export(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def run_import(args: argparse.Namespace, paths: Paths) -> int:
-    recipe = _recipe(f"{TEMPLATE}:{args.name}")
     source: Path = args.file.absolute()
     if not source.exists():
         raise OperationError(f"{source}: no such file or directory")
+    if (args.name is None) == (args.recipe is None):
+        raise UsageError("give NAME (a new template) or --recipe (an image from another host)")
+    if args.recipe is not None:
+        return _import_received(paths, source, args.recipe, args.digest)
+    if args.digest is not None:
+        raise UsageError("--digest goes with --recipe")
+    recipe = _recipe(f"{TEMPLATE}:{args.name}")
     if _store(paths).find(recipe) is not None:
         raise UsageError(
             f"image {recipe.image} exists already",
@@ -227,5 +251,20 @@ def run_import(args: argparse.Namespace, paths: Paths) -> int:
         )
     method = "directory" if source.is_dir() else "tar"
     image = _store(paths).ensure(Recipe(method=method, name=recipe.name, source=str(source)))
+    print(image.path)
+    return Exit.OK
+
+
+def _import_received(paths: Paths, archive: Path, recipe_file: Path, digest: str | None) -> int:
+    try:
+        recipe = received_recipe(recipe_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UsageError(
+            f"--recipe {recipe_file}: {err}", hint="give images/KEY/recipe.json of the other host"
+        ) from None
+    if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise UsageError(f"--digest {digest!r} is not a SHA-256 in hex")
+    image = _store(paths).receive(recipe, archive, digest)
+    log.info("imported image %s (%s)", recipe.image, image.key)
     print(image.path)
     return Exit.OK

@@ -54,12 +54,37 @@ def _serve_ssh(server: TestHost, keys: str) -> None:
     server.run(["systemctl", "start", "ssh.service"])
 
 
+def _server_mask() -> tuple[str, ...]:
+    """Servers are hosts as every test's, but with sshd not masked."""
+    return tuple(u for u in DEFAULT_MASK if not u.startswith("ssh."))
+
+
+def _join(f: Fleet, server: TestHost, index: int) -> None:
+    """`server` on the fleet's network at f.address(index), serving ssh to the client
+    and to every other server."""
+    keys = "".join(h.run(["cat", f"{CLIENT_KEY}.pub"]).stdout for h in (f.client, *f.servers))
+    address = f.address(index)
+    _wire(f.client, server, address)
+    _serve_ssh(server, keys)
+    f.client.wait_for(
+        lambda: (
+            f.client.run(
+                ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", address, "true"],
+                check=False,
+            ).returncode
+            == 0
+        ),
+        timeout=60,
+        what=f"sshd on {address}",
+        interval=0.2,
+    )
+
+
 @contextmanager
 def fleet(images: Path, servers: int = 2) -> Iterator[Fleet]:
     with ExitStack() as stack:
-        # Servers are hosts as every test's, but with sshd not masked.
-        unmasked = tuple(u for u in DEFAULT_MASK if not u.startswith("ssh."))
-        hosts = [stack.enter_context(booted_host(images, mask=unmasked)) for _ in range(servers)]
+        mask = _server_mask()
+        hosts = [stack.enter_context(booted_host(images, mask=mask)) for _ in range(servers)]
         client = stack.enter_context(TestHost())
         client.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", CLIENT_KEY])
         # The user's own ssh config: a new host's key is learnt on first use.
@@ -67,26 +92,21 @@ def fleet(images: Path, servers: int = 2) -> Iterator[Fleet]:
         client.run(["ip", "link", "add", BRIDGE, "type", "bridge"])
         client.run(["ip", "address", "add", f"{SUBNET}.1/24", "dev", BRIDGE])
         client.run(["ip", "link", "set", BRIDGE, "up"])
-        keys = "".join(h.run(["cat", f"{CLIENT_KEY}.pub"]).stdout for h in (client, *hosts))
         built = Fleet(client, tuple(hosts))
         for index, server in enumerate(hosts):
-            _wire(client, server, built.address(index))
-            _serve_ssh(server, keys)
-        for index in range(servers):
-            address = built.address(index)
-            client.wait_for(
-                lambda a=address: (
-                    client.run(  # type: ignore[misc]
-                        ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", a, "true"],
-                        check=False,
-                    ).returncode
-                    == 0
-                ),
-                timeout=60,
-                what=f"sshd on {address}",
-                interval=0.2,
-            )
+            _join(built, server, index)
         yield built
+
+
+@contextmanager
+def newcomer(f: Fleet, images: Path) -> Iterator[tuple[TestHost, str]]:
+    """One more server, on the fleet's network but not one of f.servers, with image
+    store `images` (an empty one: a host that has no image yet); and its address. The
+    client and the servers log in to it; it logs in to none of them."""
+    with booted_host(images, mask=_server_mask()) as server:
+        index = len(f.servers)
+        _join(f, server, index)
+        yield server, f.address(index)
 
 
 def on_client(

@@ -8,7 +8,9 @@ import json
 import re
 import shlex
 import signal
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from subprocess import PIPE, CompletedProcess
@@ -16,7 +18,7 @@ from subprocess import PIPE, CompletedProcess
 import pytest
 
 from tests.integration.conftest import CLIENT_KEY, nspawnctl, ssh_argv
-from tests.integration.fleetnet import DOWN, Fleet, fleet, on_client
+from tests.integration.fleetnet import DOWN, Fleet, fleet, newcomer, on_client
 from tests.testhost import CHECKOUT
 
 WEB = "2222"
@@ -391,3 +393,36 @@ def test_a_migrate_killed_at_each_step_is_finished_by_running_it_again(hosts: Fl
     finally:
         for server in hosts.servers:
             nspawnctl(server, "remove", "roamer", check=False)
+
+
+def test_migrate_sends_the_image_to_a_host_that_has_none(hosts: Fleet) -> None:
+    """A host whose store is empty gets the exact image version the layer sits on, under
+    its recipe's key and checked by its digest; the container boots there on it."""
+    a = hosts.address(0)
+    key = f"{CLIENT_KEY}.pub"
+    store = Path(tempfile.mkdtemp(prefix="nspawnctl-empty-store-", dir="/var/tmp"))
+    try:
+        with newcomer(hosts, store) as (bare, c):
+            on_client(hosts, "-H", a, "add", "lone", "--ssh", "2800", "--key", key)
+            _far_ssh(hosts, 0, "2800", "head -c 200000 /dev/urandom > /srv/data")
+            data = _far_ssh(hosts, 0, "2800", "sha256sum /srv/data").split()[0]
+            try:
+                moved = on_client(hosts, "-H", a, "migrate", "lone", "--to", c)
+                assert "has no image" in moved.stderr and "moved to" in moved.stderr, moved.stderr
+                here, there = (
+                    json.loads(nspawnctl(server, "image", "list", "--json", "--digest").stdout)
+                    for server in (hosts.servers[0], bare)
+                )
+                # One image there, the very version it sat on here: same key, same digest.
+                assert len(there) == 1, there
+                assert {i["key"]: i["digest"] for i in here}[there[0]["key"]] == there[0]["digest"]
+                assert there[0]["containers"] == ["lone"]
+                argv = ssh_argv(2800, "sha256sum /srv/data")
+                argv[-2] = f"root@{c}"
+                assert hosts.client.run(argv, timeout=120).stdout.split()[0] == data
+                assert "lone" not in _on(hosts, 0)
+            finally:
+                nspawnctl(hosts.servers[0], "remove", "lone", check=False)
+                nspawnctl(bare, "remove", "lone", check=False)
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(store)], check=False)

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from nspawnctl.bootstrap import tar
 from nspawnctl.bootstrap.directory import Directory
 from nspawnctl.bootstrap.tar import Tar
-from nspawnctl.errors import NspawnctlError, OperationError
-from nspawnctl.recipe import Recipe
+from nspawnctl.errors import NspawnctlError, OperationError, UsageError
+from nspawnctl.recipe import Recipe, received_recipe
 from nspawnctl.run import run
-from nspawnctl.store import ImageStore
+from nspawnctl.store import ImageStore, version_digest
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: device nodes and files of other owners"
@@ -177,6 +178,63 @@ def fails_cleanly(store: ImageStore, recipe: Recipe, match: str) -> NspawnctlErr
         store.ensure(recipe)
     assert sorted(os.listdir(store.root)) == before == [".lock"]
     return caught.value
+
+
+# -- an image from another host (migrate sends one) -----------------------------------
+
+
+def test_an_image_received_from_another_host_keeps_its_key_and_digest(
+    tmp_path: Path, tree: Path, store: ImageStore
+) -> None:
+    """A version exported from one store (as migrate does) arrives in another under the
+    recipe's own key, not as a template, the same to the last byte by version_digest."""
+    there = ImageStore(tmp_path / "there")
+    recipe = Recipe(method="debootstrap", distro="debian", release="bookworm")
+    made = there.import_tree(recipe, tree)
+    archive = tmp_path / "image.tar.zst"
+    tar.create(archive, [(made.current, ["."])])
+    digest = version_digest(made.current)
+    image = store.receive(recipe, archive, digest)
+    assert image.key == recipe.key and image.recipe == recipe
+    assert version_digest(image.current) == digest
+    with pytest.raises(UsageError, match="exists already"):
+        store.receive(recipe, archive, digest)
+
+
+def test_an_image_that_arrives_changed_is_not_kept(
+    tmp_path: Path, tree: Path, store: ImageStore
+) -> None:
+    archive = make_archive(tree, tmp_path / "image.tar")
+    recipe = Recipe(method="debootstrap", distro="debian", release="bookworm")
+    with pytest.raises(OperationError, match="is not the version it was made of"):
+        store.receive(recipe, archive, "0" * 64)
+    assert sorted(os.listdir(store.root)) == [".lock"]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[]", "not a recipe"),
+        ('{"method": "tar", "name": "../../etc"}', "not a template name"),
+        ('{"method": "debootstrap", "distro": "debian", "release": "a/b"}', "not a release"),
+        ('{"method": "debootstrap", "distro": "debian", "release": "x", "evil": 1}', "not a"),
+        ('{"method": "dnf", "distro": "debian", "release": "bookworm"}', "built with"),
+        ('{"method": "debootstrap", "distro": 1, "release": "x"}', "string or null"),
+        (
+            '{"method": "debootstrap", "distro": "debian", "release": "x", "packages": ["b", "a"]}',
+            "not a recipe nspawnctl makes",
+        ),
+    ],
+)
+def test_a_received_recipe_is_one_the_yaml_could_ask_for(text: str, problem: str) -> None:
+    """Its key becomes a directory name in the store: never a path, never a stranger's."""
+    with pytest.raises(ValueError, match=problem):
+        received_recipe(text)
+    for recipe in (
+        Recipe(method="tar", name="web", source="/x.tar"),
+        Recipe(method="debootstrap", distro="debian", release="bookworm", packages=("a", "b")),
+    ):
+        assert received_recipe(recipe.to_json()) == recipe
 
 
 # -- tar ------------------------------------------------------------------------------
