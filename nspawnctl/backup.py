@@ -228,14 +228,16 @@ def take(paths: Paths, name: str, snap: str, *, force: bool = False) -> Snapshot
         return _copy(paths, config, config_text, target, live=live)
 
 
-def copy_running_layer(paths: Paths, name: str, target: Path) -> None:
+def copy_running_layer(paths: Paths, name: str, target: Path, *, frozen: bool = True) -> None:
     """A copy of a running container's layer, taken while the container is frozen, so
     that it is of one instant (a database's files and its log agree); its connections
     wait meanwhile, in the host's queue. Where the host cannot freeze it (no unified
     cgroup hierarchy) the copy is taken all the same, consistent file by file only, and
-    says so. The guest renames and swaps files meanwhile: a path-walking cp could be led
-    through a link it swaps in, so copy_live goes by descriptors only."""
-    with _frozen(paths, name):
+    says so. Not `frozen`: consistent file by file, for a first pass that a copy of the
+    stopped container corrects. The guest renames and swaps files meanwhile: a
+    path-walking cp could be led through a link it swaps in, so copy_live goes by
+    descriptors only."""
+    with _frozen(paths, name) if frozen else contextlib.nullcontext():
         copy_live(
             Layer.of(paths, name).upper, target, deadline=time.monotonic() + LIVE_COPY_SECONDS
         )
@@ -352,15 +354,16 @@ def before_update(paths: Paths, names: Iterable[str], version: str) -> list[Snap
     with the image, so this is the only moment to take it)."""
     taken: list[Snapshot] = []
     try:
-        with Systemd.connect() as systemd:
-            for name in names:
-                if not Layer.of(paths, name).upper.is_dir():
-                    continue  # not installed: nothing to keep
-                config, text = require_container(paths, name)
-                target = snapshots_dir(paths, name) / f"{PRE_UPDATE}{version}"
-                # Held, as `snapshot` holds it: one copy of a container at a time.
-                with held(systemd, paths, name) as live:
-                    taken.append(_copy(paths, config, text, target, live=live))
+        for name in names:
+            if not Layer.of(paths, name).upper.is_dir():
+                continue  # not installed: nothing to keep
+            config, text = require_container(paths, name)
+            target = snapshots_dir(paths, name) / f"{PRE_UPDATE}{version}"
+            # Held, as `snapshot` holds it: one copy of a container at a time. A bus
+            # connection of its own for each: a copy may take long, and one connection
+            # kept idle across them all may be dropped by the bus meanwhile.
+            with Systemd.connect() as systemd, held(systemd, paths, name) as live:
+                taken.append(_copy(paths, config, text, target, live=live))
     except BaseException:
         discard(taken)
         raise

@@ -61,7 +61,11 @@ _MAX_METADATA = 1 << 20  # bytes: a manifest or a YAML file is a few hundred
 _HINT = "give a file that `nspawnctl export` wrote"
 
 
-def export(paths: Paths, name: str, target: Path, *, full: bool, force: bool) -> Manifest:
+def export(
+    paths: Paths, name: str, target: Path, *, full: bool, force: bool, draft: bool = False
+) -> Manifest:
+    """`draft`: a running container's layer is copied as it runs, not frozen for it: a
+    first pass that an export of the stopped container replaces (migrate's pre-copy)."""
     config, config_text = require_container(paths, name)
     # Held: a connection that arrives meanwhile waits, and boots it once the archive is
     # written (the archive then holds what a stopped container has, as it says).
@@ -69,11 +73,18 @@ def export(paths: Paths, name: str, target: Path, *, full: bool, force: bool) ->
         if live and not force:
             raise running_error(name, f"nspawnctl export {name} FILE")
         checkpoint(f"export: holding {name}")
-        return _export(paths, config, config_text, target, full=full, live=live)
+        return _export(paths, config, config_text, target, full=full, live=live, draft=draft)
 
 
 def _export(
-    paths: Paths, config: ContainerConfig, config_text: str, target: Path, *, full: bool, live: bool
+    paths: Paths,
+    config: ContainerConfig,
+    config_text: str,
+    target: Path,
+    *,
+    full: bool,
+    live: bool,
+    draft: bool = False,
 ) -> Manifest:
     name = config.name
     # The store's recipe: for a template it says where the template came from.
@@ -94,7 +105,7 @@ def _export(
             if live:
                 # tar walks by path names, which a running guest can swap for links:
                 # the archive is made from a copy taken by descriptors (copy_live).
-                layer = mounts.enter_context(_live_copy(paths, name))
+                layer = mounts.enter_context(_live_copy(paths, name, frozen=not draft))
             tar.create(target, [*sources, (layer, [UPPER])], live=live)
         else:
             # The tree stacked read-only for the while: a stopped container's layer, or a
@@ -106,12 +117,13 @@ def _export(
 
 
 @contextlib.contextmanager
-def _live_copy(paths: Paths, name: str) -> Iterator[Path]:
-    """A directory holding upper/, a copy of a running container's layer, beside the
-    layers (on their file system), deleted afterwards."""
+def _live_copy(paths: Paths, name: str, *, frozen: bool = True) -> Iterator[Path]:
+    """A directory holding upper/, a copy of a running container's layer (of one instant,
+    frozen for it, unless not `frozen`), beside the layers (on their file system),
+    deleted afterwards."""
     where = Path(tempfile.mkdtemp(prefix=f".export-{name}-", dir=Layer.directory(paths)))
     try:
-        copy_running_layer(paths, name, where / UPPER)
+        copy_running_layer(paths, name, where / UPPER, frozen=frozen)
         yield where
     finally:
         delete(where)

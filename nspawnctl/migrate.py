@@ -7,11 +7,14 @@ there (all or nothing), `remove` here. In order:
    addresses too (`add --check`); that the image version the layer sits on is there,
    the very one (by its digest, version_digest: not by name). If the far store has no
    image of that recipe, the version is sent there (a cache: nothing to take back);
-2. close the socket here (a connection is refused, not booted here), power the
+2. a running container's layer is exported and sent while it runs (not frozen: a
+   first pass), with rsync if both hosts have it;
+3. close the socket here (a connection is refused, not booted here), power the
    container off, export its layer;
-3. send the archive, check its digest there, import it: the socket listens there;
-4. remove it here (or keep it stopped, --keep).
-Its record (intent.py) is written before step 2. Until step 3 has begun, a failure
+4. send the archive (rsync: only what differs from the first pass), check its digest
+   there, import it: the socket listens there;
+5. remove it here (or keep it stopped, --keep).
+Its record (intent.py) is written before step 3. Until step 4 has begun, a failure
 opens the socket here again, as if nothing happened. From then on the far side may
 have it: nothing here is taken back or removed on a guess. A cut connection, or a kill
 anywhere, leaves the record, the container stopped and whole here, and perhaps whole
@@ -24,6 +27,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -61,7 +65,11 @@ def pending(paths: Paths, name: str) -> Path | None:
     return path if path.exists() else None
 
 
-def migrate(paths: Paths, name: str, destination: Destination, *, keep: bool) -> Moved:
+def migrate(
+    paths: Paths, name: str, destination: Destination, *, keep: bool, cold: bool = False
+) -> Moved:
+    """`cold`: a running container is stopped before its layer is copied, not copied
+    while it runs first (for a layer that changes faster than it can be sent)."""
     _config, config_text = require_container(paths, name)
     layer = Layer.of(paths, name)
     machine_id = layer.machine_id
@@ -98,45 +106,54 @@ def migrate(paths: Paths, name: str, destination: Destination, *, keep: bool) ->
             if missing is not None:
                 _send_image(far, missing, Path(tmp))
             checkpoint(f"migrate: {name} checked")
-            return _move(paths, name, far, Path(tmp), keep)
+            return _move(paths, name, far, Path(tmp), keep=keep, cold=cold)
 
 
-def _move(paths: Paths, name: str, far: Connection, tmp: Path, keep: bool) -> Moved:
+def _move(paths: Paths, name: str, far: Connection, tmp: Path, *, keep: bool, cold: bool) -> Moved:
     socket = socket_unit(name)
     with Systemd.connect() as systemd:
         enabled = systemd.unit_file_state(socket) == "enabled"
+        running = container.is_running(systemd, name)
+    with contextlib.ExitStack() as stack:
+        # A running container is copied while it runs, and then only what changed travels
+        # while it is stopped: a plain .tar, whose unchanged files are the same bytes in
+        # both passes (tar --sort=name), for rsync to find. Without rsync on both sides,
+        # the whole layer goes while it is stopped, compressed.
+        precopy = running and not cold and shutil.which("rsync") is not None and far.has("rsync")
+        archive = tmp / (f"{name}.tar" if precopy else f"{name}.tar.zst")
+        remote = None
+        if precopy:
+            remote = f"{stack.enter_context(far.scratch())}/0.tar"
+            export.export(paths, name, archive, full=False, force=True, draft=True)
+            went = far.sync(archive, remote)
+            log.info("%s: copied while it runs (%s sent)", name, _size(went))
+            checkpoint(f"migrate: {name} copied while running")
+        return _cut_over(paths, name, far, archive, remote, enabled=enabled, keep=keep)
+
+
+def _cut_over(
+    paths: Paths,
+    name: str,
+    far: Connection,
+    archive: Path,
+    remote: str | None,
+    *,
+    enabled: bool,
+    keep: bool,
+) -> Moved:
+    """Closed and stopped here, its layer exported and sent (to `remote`, which holds a
+    copy taken while it ran: only the difference travels), imported there, listening."""
     # "enabled": migrate disables it meanwhile, and taking back enables it again.
     options = (str(far.destination), *(("enabled",) if enabled else ()))
     record = Intent(paths.intent_dir, VERB, name, options=options)
     started = time.monotonic()
     sent = False  # from here on the far side may have it: nothing is taken back
     try:
-        with Systemd.connect() as systemd:
-            if enabled:  # a reboot meanwhile must not open it here again
-                systemd.disable([socket])
-                systemd.reload()
-            systemd.stop(socket)
-            checkpoint(f"migrate: {name}'s socket closed")
-            container.stop_container(systemd, name)
-            # A boot under way when the socket closed is let finish and then stopped, and
-            # may start the socket again: closed again, and both must stay so now.
-            systemd.stop(socket)
-            if not _quiet(systemd, name):
-                raise OperationError(f"{name} started again here while it was being stopped")
-        archive = tmp / f"{name}.tar.zst"
+        _close_and_stop(name, enabled=enabled)
         export.export(paths, name, archive, full=False, force=False)
         checkpoint(f"migrate: {name} exported")
-        digest = _sha256(archive)
         sent = True
-        with far.sent([Sent(archive, "0.tar.zst", "input")]) as where:
-            received = far.run(f"sha256sum -- {where[str(archive)]}", what="checking").stdout
-            if received.decode(errors="replace").split()[:1] != [digest]:
-                raise OperationError(
-                    f"{far.destination}: the archive of {name} arrived damaged",
-                    hint="run `nspawnctl migrate` again",
-                )
-            checkpoint(f"migrate: {name} sent")
-            far.call_sent(["import", str(archive)], where)
+        _send_and_import(far, name, archive, remote)
         checkpoint(f"migrate: {name} imported there")
         if enabled:
             far.call(["enable", name])
@@ -163,6 +180,48 @@ def _move(paths: Paths, name: str, far: Connection, tmp: Path, keep: bool) -> Mo
         raise
     record.done()
     return Moved(name, far.destination, closed, finished_only=False)
+
+
+def _close_and_stop(name: str, *, enabled: bool) -> None:
+    """Its socket closed (a connection is refused, not booted here) and disabled (a
+    reboot meanwhile must not open it here again), the container powered off."""
+    socket = socket_unit(name)
+    with Systemd.connect() as systemd:
+        if enabled:
+            systemd.disable([socket])
+            systemd.reload()
+        systemd.stop(socket)
+        checkpoint(f"migrate: {name}'s socket closed")
+        container.stop_container(systemd, name)
+        # A boot under way when the socket closed is let finish and then stopped, and may
+        # start the socket again: closed again, and both must stay so now.
+        systemd.stop(socket)
+        if not _quiet(systemd, name):
+            raise OperationError(f"{name} started again here while it was being stopped")
+
+
+def _send_and_import(far: Connection, name: str, archive: Path, remote: str | None) -> None:
+    """The archive there, checked against its digest, and imported (all or nothing)."""
+    digest = _sha256(archive)
+    with contextlib.ExitStack() as stack:
+        if remote is None:
+            where = stack.enter_context(far.sent([Sent(archive, "0.tar.zst", "input")]))
+        else:
+            went = far.sync(archive, remote)
+            log.info("%s: what changed meanwhile sent (%s)", name, _size(went))
+            where = {str(archive): remote}
+        received = far.run(f"sha256sum -- {where[str(archive)]}", what="checking").stdout
+        if received.decode(errors="replace").split()[:1] != [digest]:
+            raise OperationError(
+                f"{far.destination}: the archive of {name} arrived damaged",
+                hint="run `nspawnctl migrate` again",
+            )
+        checkpoint(f"migrate: {name} sent")
+        far.call_sent(["import", str(archive)], where)
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MB"
 
 
 def _finish(paths: Paths, name: str, keep: bool) -> None:
@@ -215,13 +274,7 @@ def _quiet(systemd: Systemd, name: str) -> bool:
 def _status(far: Connection, name: str) -> dict[str, Any] | None:
     """The far side's `status NAME --json`, or None if it has no such container."""
     # `list` exits 1 when some other YAML there is broken: its rows still count.
-    done = far.run(far.remote(["list", "--json"]), what="list")
-    try:
-        rows = json.loads(done.stdout or b"[]")
-    except ValueError:
-        far.call(["list", "--json"])  # raises its error
-        raise
-
+    rows, _other = far.ask(["list", "--json"])
     if name not in {row["name"] for row in rows}:
         return None
     status: dict[str, Any] = json.loads(far.call(["status", name, "--json"]))
@@ -263,10 +316,10 @@ def _send_image(far: Connection, version: Path, tmp: Path) -> None:
     archive = tmp / "image.tar.zst"
     tar.create(archive, [(version, ["."])])
     log.info(
-        "%s has no image %s: sending it (%.0f MB)",
+        "%s has no image %s: sending it (%s)",
         far.destination,
         version.parent.name,
-        archive.stat().st_size / 2**20,
+        _size(archive.stat().st_size),
     )
     verb = ["image", "import", str(archive), "--recipe", str(recipe)]
     verb += ["--digest", version_digest(version)]

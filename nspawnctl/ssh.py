@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nspawnctl import __version__
 from nspawnctl.errors import NspawnctlError, OperationError, UsageError
@@ -86,6 +87,7 @@ class Sent:
     local: Path
     remote: str
     role: str  # "input" or "output"
+    follow: bool = False  # a directory's links are sent as what they lead to (apply DIR)
 
 
 class Connection:
@@ -96,7 +98,8 @@ class Connection:
         self._control = control_dir / "c"
         self.command = shlex.split(os.environ.get(REMOTE_COMMAND_VARIABLE) or "nspawnctl")
 
-    def argv(self, command: str, *, terminal: bool = False) -> list[str]:
+    def _ssh(self, *, terminal: bool = False) -> list[str]:
+        """ssh and its options, up to the host."""
         argv = ["ssh", "-t" if terminal else "-T", "-o", "ControlMaster=auto"]
         argv += ["-o", f"ControlPath={self._control}", "-o", "ControlPersist=60"]
         # Every wait on the far host is bounded: a host that vanishes (a cable, a crash:
@@ -107,9 +110,54 @@ class Connection:
             argv += ["-l", self.destination.user]
         if self.destination.port:
             argv += ["-p", str(self.destination.port)]
+        return argv
+
+    def argv(self, command: str, *, terminal: bool = False) -> list[str]:
         # "--": the host can never be taken for an option; the command is one word, which
         # the far shell splits (ssh would join several with spaces anyway).
-        return [*argv, "--", self.destination.host, command]
+        return [*self._ssh(terminal=terminal), "--", self.destination.host, command]
+
+    def has(self, program: str) -> bool:
+        """Whether the far host has `program` on its PATH."""
+        probe = f"command -v {shlex.quote(program)} >/dev/null 2>&1"
+        return self.run(probe, what=f"looking for {program}").returncode == 0
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[str]:
+        """A new private directory there for the body (its path), removed after."""
+        made = self.run("mktemp -d /var/tmp/nspawnctl-client.XXXXXXXX", what="mktemp")
+        directory = made.stdout.decode(errors="replace").strip()
+        if made.returncode != 0 or not directory.startswith("/var/tmp/nspawnctl-client."):
+            raise OperationError(f"{self.destination}: mktemp: {made.stderr.decode().strip()}")
+        try:
+            yield directory
+        finally:
+            with contextlib.suppress(NspawnctlError):
+                self.run(shlex.join(["rm", "-rf", "--", directory]), what="cleaning up")
+
+    def sync(self, local: Path, remote: str) -> int:
+        """The file `local` made the same as `remote` there by rsync over this connection:
+        of a file that is there already, only the blocks that differ travel. The bytes
+        that went (rsync's --stats)."""
+        host = self.destination.host
+        target = f"[{host}]:{remote}" if ":" in host else f"{host}:{remote}"
+        # --ignore-times: never skipped for having the size and time it had; the far rsync
+        # writes a new file and renames it over the old one when it is whole.
+        argv = ["rsync", "--ignore-times", "--compress", "--stats", "-e", shlex.join(self._ssh())]
+        argv += ["--", str(local), target]
+        pipe = subprocess.PIPE
+        with spawn(
+            argv, keep=_SSH_KEEP, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe
+        ) as proc:
+            out, err = proc.communicate()
+        if proc.returncode != 0:
+            lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+            raise OperationError(
+                f"{self.destination}: rsync of {local.name}: {lines[0] if lines else 'failed'}",
+                hint=f"check `ssh {host}` on its own",
+            )
+        found = re.search(rb"^Total bytes sent: ([0-9,.]+)", out, re.MULTILINE)
+        return int(re.sub(rb"[,.]", b"", found.group(1))) if found else 0
 
     def run(
         self, command: str, *, input: bytes | None = None, what: str
@@ -150,8 +198,17 @@ class Connection:
                 hint=f"install nspawnctl {__version__} there, or name it with "
                 f"{REMOTE_COMMAND_VARIABLE}=/path/to/nspawnctl",
             )
+        if done.returncode != 0:
+            # `sudo nspawnctl` whose sudo wants a password says so here, for one.
+            said, _hint = far_said(done)
+            raise OperationError(
+                f"{self.destination}: `{shlex.join([*self.command, '--version'])}` failed "
+                f"there: {said}",
+                hint=f"run it there on its own; a {REMOTE_COMMAND_VARIABLE} with sudo needs "
+                "sudo without a password for it (ssh gives it no terminal)",
+            )
         version = found.removeprefix("nspawnctl ").strip()
-        if done.returncode != 0 or not compatible(version):
+        if not compatible(version):
             raise OperationError(
                 f"{self.destination} has nspawnctl {version or '(unknown version)'}, "
                 f"this is {__version__}: -H needs the same MAJOR.MINOR on both sides",
@@ -175,7 +232,7 @@ class Connection:
                 with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
                     for sent in files:
                         if sent.role == "input":
-                            tar.add(sent.local.resolve(), arcname=Path(sent.remote).name)
+                            _add(tar, sent)
             except BrokenPipeError:
                 pass  # the far side gave up: its stderr says why
             out, err = proc.communicate()  # ends the stream: closes ssh's stdin
@@ -224,15 +281,27 @@ class Connection:
         """A verb of the far nspawnctl whose files were sent already (`sent`)."""
         done = self.run(self.nspawnctl_argv(verb, where), what=verb[0])
         if done.returncode != 0:
-            lines = done.stderr.decode(errors="replace").strip().splitlines()
-            message = next((x for x in lines if x.startswith("nspawnctl: error: ")), "")
-            hint = next((x for x in lines if x.startswith("hint: ")), "")
-            raise OperationError(
-                f"{self.destination}: "
-                + (message.removeprefix("nspawnctl: error: ") or (lines or ["failed"])[-1]),
-                hint=hint.removeprefix("hint: ") or None,
-            )
+            raise self._failed(done)
         return done.stdout.decode(errors="replace")
+
+    def ask(self, verb: Sequence[str]) -> tuple[Any, str | None]:
+        """The JSON answer of a --json verb there, and the far nspawnctl's own error if
+        it exited 1 all the same: `list` answers for every container and exits 1 when
+        some other YAML there is broken. No answer is raised as its error."""
+        done = self.run(self.remote(verb), what=verb[0])
+        if done.returncode in (0, 1) and done.stdout.strip():
+            try:
+                answer = json.loads(done.stdout)
+            except ValueError:
+                raise OperationError(
+                    f"{self.destination}: {verb[0]}: its answer is not JSON"
+                ) from None
+            return answer, (far_said(done)[0] if done.returncode else None)
+        raise self._failed(done)
+
+    def _failed(self, done: subprocess.CompletedProcess[bytes]) -> OperationError:
+        said, hint = far_said(done)
+        return OperationError(f"{self.destination}: {said}", hint=hint)
 
     def fetch(self, sent: Sent) -> None:
         """An output of the verb, written beside its local name and renamed into place."""
@@ -259,6 +328,30 @@ class Connection:
         argv += ["--", self.destination.host]
         with contextlib.suppress(NspawnctlError):
             spawn(argv, keep=_SSH_KEEP, stderr=subprocess.DEVNULL).wait()
+
+
+def _add(tar: tarfile.TarFile, sent: Sent) -> None:
+    name = Path(sent.remote).name
+    top = sent.local.resolve()
+    if not (sent.follow and top.is_dir()):
+        tar.add(top, arcname=name)
+        return
+    tar.add(top, arcname=name, recursive=False)
+    for entry in sorted(top.iterdir()):
+        # What this machine's nspawnctl would read there; a dangling link goes as it is.
+        tar.add(entry.resolve() if entry.exists() else entry, arcname=f"{name}/{entry.name}")
+
+
+def far_said(done: subprocess.CompletedProcess[bytes]) -> tuple[str, str | None]:
+    """The far nspawnctl's own error and hint; else the last line it wrote."""
+    lines = done.stderr.decode(errors="replace").strip().splitlines()
+    message = next((x for x in lines if x.startswith("nspawnctl: error: ")), None)
+    hint = next((x for x in lines if x.startswith("hint: ")), None)
+    if message is not None:
+        said = message.removeprefix("nspawnctl: error: ")
+    else:
+        said = lines[-1] if lines else f"exit code {done.returncode}"
+    return said, hint.removeprefix("hint: ") if hint else None
 
 
 def compatible(version: str) -> bool:

@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="keep it here afterwards, stopped and not listening, instead of removing it",
     )
     p.add_argument(
+        "--cold",
+        action="store_true",
+        help="stop a running container before copying its layer, instead of copying it "
+        "while it runs and then only what changed",
+    )
+    p.add_argument(
         "--abort",
         action="store_true",
         help="take back a migrate that was cut short: its socket listens here again",
@@ -45,7 +51,9 @@ def run_migrate(args: argparse.Namespace, paths: Paths) -> int:
         return Exit.OK
     if args.to is None:
         raise UsageError("migrate needs --to [USER@]HOST[:PORT]", hint="or --abort")
-    moved = migrate.migrate(paths, args.name, Destination.parse(args.to), keep=args.keep)
+    moved = migrate.migrate(
+        paths, args.name, Destination.parse(args.to), keep=args.keep, cold=args.cold
+    )
     where = "kept here, stopped" if args.keep else "removed here"
     if moved.finished_only:
         log.info("%s was on %s already: %s", args.name, moved.destination, where)

@@ -73,9 +73,12 @@ def test_every_verb_works_against_one_host(hosts: Fleet) -> None:
     stopped = json.loads(on_client(hosts, "-H", a, "status", "web", "--json").stdout)
     assert stopped["container"]["state"] == "stopped"
 
-    # apply DIR: a directory of the client's YAML files goes across.
+    # apply DIR: a directory of the client's YAML files goes across, each as this
+    # machine reads it: a link to a shared file is the file.
+    hosts.client.run(["mkdir", "-p", "/root/fleet"])
+    hosts.client.run(["ln", "-s", "../shared/api.yaml", "/root/fleet/api.yaml"])
     hosts.client.write_file(
-        "/root/fleet/api.yaml",
+        "/root/shared/api.yaml",
         f"image: debian:bookworm\nssh:\n  listen: 2223\n  authorized_keys:\n"
         f"    - {hosts.client.run(['cat', f'{CLIENT_KEY}.pub']).stdout.strip()}\n",
     )
@@ -125,6 +128,21 @@ def test_a_fleet_list_has_a_host_column_and_a_row_for_a_host_that_is_down(
 
         rows_json = json.loads(on_client(hosts, "-H", a, "-H", b, "list", "--json").stdout)
         assert sorted((r["host"], r["name"]) for r in rows_json) == [(a, "one"), (b, "two")]
+
+        # A host with a broken YAML: its containers are listed, and so is its error.
+        hosts.servers[1].write_file("/etc/nspawnctl/broken.yaml", "image: [\n")
+        try:
+            mixed = on_client(hosts, "-H", a, "-H", b, "list", "--json", check=False)
+        finally:
+            hosts.servers[1].run(["rm", "/etc/nspawnctl/broken.yaml"])
+        assert mixed.returncode == 1, mixed.stderr
+        rows_json = json.loads(mixed.stdout)
+        assert {(r["host"], r.get("name")) for r in rows_json} == {
+            (a, "one"),
+            (b, "two"),
+            (b, None),
+        }
+        assert "broken.yaml" in next(r["error"] for r in rows_json if "error" in r), mixed.stdout
     finally:
         on_client(hosts, "-H", a, "remove", "one")
         on_client(hosts, "-H", b, "remove", "two")
@@ -175,6 +193,16 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(hosts: Fleet) -> None:
     assert old.returncode == 1 and "has nspawnctl 0.1.0, this is" in old.stderr, old.stderr
     # It was asked its version, and nothing else.
     assert hosts.servers[0].run(["cat", "/root/old-calls"]).stdout == "--version\n"
+    # A sudo that wants a password (there is no terminal for it): its own words.
+    hosts.servers[0].write_file(
+        "/usr/local/sbin/fake-sudo",
+        '#!/bin/sh\necho "sudo: a terminal is required to read the password" >&2\nexit 1\n',
+        0o755,
+    )
+    sudo = {"NSPAWNCTL_REMOTE_COMMAND": "fake-sudo nspawnctl"}
+    asked = on_client(hosts, "-H", a, *add, check=False, env=sudo)
+    assert asked.returncode == 1, asked.stderr
+    assert "a terminal is required to read the password" in asked.stderr, asked.stderr
 
     # A bad -H is refused before ssh is started.
     bad = on_client(hosts, "-H", "-oProxyCommand=touch /root/pwned", "list", check=False)
@@ -302,6 +330,9 @@ def test_migrate_moves_a_running_container_with_its_data(hosts: Fleet) -> None:
     try:
         moved = on_client(hosts, "-H", a, "migrate", "mover", "--to", b)
         assert "moved to" in moved.stderr and "closed for" in moved.stderr, moved.stderr
+        # Running: copied while it ran, then only what changed went while it was stopped.
+        assert "copied while it runs" in moved.stderr, moved.stderr
+        assert "what changed meanwhile sent" in moved.stderr, moved.stderr
         assert "mover" not in _on(hosts, 0) and "mover" in _on(hosts, 1)
         left = hosts.servers[0].run(["ls", "/var/lib/nspawnctl/layers"]).stdout.split()
         assert "mover" not in left
@@ -323,7 +354,15 @@ def test_migrate_moves_a_running_container_with_its_data(hosts: Fleet) -> None:
 
 
 # Each step of a migrate, by its checkpoint's name (migrate.py).
-MIGRATE_STEPS = ("checked", "socket closed", "exported", "sent", "imported there", "finishing")
+MIGRATE_STEPS = (
+    "checked",
+    "copied while running",
+    "socket closed",
+    "exported",
+    "sent",
+    "imported there",
+    "finishing",
+)
 
 
 def _migrate_on(
