@@ -208,10 +208,13 @@ def abandoned(directory: Path) -> Iterator[tuple[Path, Record]]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its process is still at work
+            try:
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    continue  # finished, and the name made anew by another change
+            except FileNotFoundError:
+                continue  # finished between our glob and our lock
             with os.fdopen(os.dup(fd), encoding="utf-8") as f:
                 text = f.read()
-            if not path.exists():
-                continue  # finished between our glob and our lock
             try:
                 record = _from_data(json.loads(text))
             except (ValueError, KeyError, TypeError):

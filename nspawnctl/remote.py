@@ -89,7 +89,8 @@ def _local_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
                 raise UsageError(f"{item}: no such directory here for it")
             # Named by number, with the suffixes that say what it is (.tar.zst, .yaml).
             remote = f"{len(files)}{''.join(local.suffixes)}"
-            files.append(Sent(local, remote, "output" if role == "output" else "input"))
+            kind = "output" if role == "output" else "input"
+            files.append(Sent(local, remote, kind, follow=role == "config"))
     return files
 
 
@@ -157,12 +158,13 @@ def fleet(destinations: Sequence[Destination], args: argparse.Namespace, verb: l
         answers = list(pool.map(lambda d: _ask(d, asked), destinations))
     rows: list[dict[str, Any]] = []
     for destination, (answer, error) in zip(destinations, answers, strict=True):
+        # An answer with an error: `list` there read every YAML but a broken one.
+        if isinstance(answer, list):
+            rows += [{"host": str(destination), **row} for row in answer]
+        elif answer is not None:
+            rows.append({"host": str(destination), **answer})
         if error is not None:
             rows.append({"host": str(destination), "error": error})
-        elif isinstance(answer, list):
-            rows += [{"host": str(destination), **row} for row in answer]
-        else:
-            rows.append({"host": str(destination), **answer})
     failed = any("error" in row for row in rows)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -172,21 +174,13 @@ def fleet(destinations: Sequence[Destination], args: argparse.Namespace, verb: l
 
 
 def _ask(destination: Destination, verb: Sequence[str]) -> tuple[Any, str | None]:
-    """One host's JSON answer, or what went wrong."""
+    """One host's JSON answer (None if it gave none), and what went wrong there."""
     try:
         with connected(destination) as connection:
             connection.check_version()
-            done = connection.run(connection.remote(verb), what="asking")
-            if done.returncode not in (Exit.OK, Exit.FAILED) or not done.stdout.strip():
-                lines = done.stderr.decode(errors="replace").strip().splitlines()
-                # Its own error line, not the hint after it.
-                said = [x.removeprefix("nspawnctl: error: ") for x in lines if "error: " in x]
-                return None, (said or lines or [f"exit code {done.returncode}"])[-1]
-            return json.loads(done.stdout), None
+            return connection.ask(verb)
     except NspawnctlError as err:
-        return None, err.message
-    except ValueError:
-        return None, "its answer is not JSON"
+        return None, err.message.removeprefix(f"{destination}: ")
 
 
 def _print_fleet(rows: Sequence[Mapping[str, Any]], verb: str) -> None:

@@ -42,8 +42,10 @@ def add_name(parser: argparse.ArgumentParser, **options: Any) -> None:
 
 # Arguments that name a file of the machine nspawnctl is started on. With -H they travel
 # with the call (remote.py): an input is sent to the far host first, an output fetched
-# back after; "key" is an input if it names a file, else a key line given as it is.
-FileRole = Literal["input", "output", "key"]
+# back after; "key" is an input if it names a file, else a key line given as it is;
+# "config" is a directory of YAML files sent as this machine reads them, each link in it
+# followed (web.yaml -> ../shared/web.yaml), where an input's links go as links.
+FileRole = Literal["input", "output", "key", "config"]
 _FILE_ROLE = "nspawnctl_file_role"
 
 

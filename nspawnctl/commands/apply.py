@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_file(
         p,
         "dir",
-        role="input",
+        role="config",
         nargs="?",
         type=Path,
         metavar="DIR",

@@ -4,15 +4,18 @@ that travel with the call (the ssh part is tested on real hosts: test_remote.py)
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from nspawnctl import remote
+from nspawnctl import remote, ssh
 from nspawnctl.cli import build_parser
 from nspawnctl.errors import UsageError
-from nspawnctl.ssh import Destination, Sent
+from nspawnctl.ssh import Destination, Sent, far_said
 
 
 @pytest.mark.parametrize(
@@ -109,3 +112,44 @@ def test_only_list_and_status_take_several_hosts() -> None:
     args = parser.parse_args(["-H", "a", "-H", "b", "stop", "web"])
     with pytest.raises(UsageError, match="takes one -H"):
         remote.run(parser, args, ["-H", "a", "-H", "b", "stop", "web"])
+
+
+@pytest.mark.parametrize(
+    ("stderr", "said", "hint"),
+    [
+        (
+            b"nspawnctl: warning: x\nnspawnctl: error: no container 'web'\nhint: see `list`\n",
+            "no container 'web'",
+            "see `list`",
+        ),
+        (b"sudo: a terminal is required to read the password\n", "sudo: a terminal is", None),
+        (b"", "exit code 3", None),
+    ],
+)
+def test_the_far_error_is_nspawnctls_own_line_else_the_last(
+    stderr: bytes, said: str, hint: str | None
+) -> None:
+    done = subprocess.CompletedProcess(["ssh"], 3, b"", stderr)
+    found, found_hint = far_said(done)
+    assert found.startswith(said) and found_hint == hint
+
+
+def test_apply_sends_its_directory_as_read_here_links_followed(tmp_path: Path) -> None:
+    """`-H apply DIR`: DIR's YAML may be links to shared files; what goes is the file
+    (an image's tree, an input, keeps its links as links)."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared/web.yaml").write_text("image: debian:bookworm\n")
+    (tmp_path / "fleet").mkdir()
+    (tmp_path / "fleet/web.yaml").symlink_to("../shared/web.yaml")
+    args = build_parser().parse_args(["-H", "h", "apply", str(tmp_path / "fleet")])
+    [sent] = remote._local_files(build_parser(), args)
+    assert sent.follow
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        ssh._add(tar, sent)
+        ssh._add(tar, Sent(tmp_path / "fleet", "1", "input"))
+    buffer.seek(0)
+    with tarfile.open(fileobj=buffer) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert members["0/web.yaml"].isfile() and members["0/web.yaml"].size == 23
+    assert members["1/web.yaml"].issym()
