@@ -1,3 +1,3 @@
 """nspawnctl: socket-activated systemd-nspawn containers from one YAML file each."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
