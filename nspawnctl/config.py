@@ -20,7 +20,7 @@ from nspawnctl.errors import ConfigError
 from nspawnctl.listen import Listen
 from nspawnctl.names import check_hostname, check_machine_name
 from nspawnctl.pubkeys import read_public_keys
-from nspawnctl.recipe import BootstrapError, Recipe, parse_image, with_bootstrap
+from nspawnctl.recipe import PACKAGE_RE, BootstrapError, Recipe, parse_image, with_bootstrap
 from nspawnctl.resources import KEYS as RESOURCE_KEYS
 from nspawnctl.resources import Resources
 from nspawnctl.schema import (
@@ -55,7 +55,6 @@ _UNIT_RE = re.compile(
     r"^(?=.{1,253}\Z)[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]+)?\.(service|socket)\Z"
 )
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,12}\Z")
-_PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]*\Z")
 _BOOTSTRAP_KEYS = ("method", "mirror", "packages", "source")
 
 
@@ -365,7 +364,7 @@ def _image(top: Section, _name: str) -> Recipe:
     section = top.below("bootstrap", _BOOTSTRAP_KEYS)
     packages = section.take("packages", list) or []
     for index, package in enumerate(packages):
-        if not isinstance(package, str) or not _PACKAGE_RE.match(package):
+        if not isinstance(package, str) or not PACKAGE_RE.match(package):
             section.fail(f"packages[{index}]", f"{package!r} is not a package name")
     source = section.take("source", str)
     if source is not None:

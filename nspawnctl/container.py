@@ -231,12 +231,18 @@ def check_addable(paths: Paths, config: ContainerConfig) -> None:
 
 
 def add(
-    paths: Paths, config: ContainerConfig, config_text: str, *, layer_from: Layer | None = None
+    paths: Paths,
+    config: ContainerConfig,
+    config_text: str,
+    *,
+    layer_from: Layer | None = None,
+    version: Path | None = None,
 ) -> None:
     """Install a container: its layer, its host units, its config; then start its socket.
     On any failure everything done so far is taken back. `layer_from`: a layer to take
     (a restored backup, on the same file system), with its machine-id and host key;
-    nspawnctl's own files in it are written anew."""
+    nspawnctl's own files in it are written anew. `version`: the image version it sits
+    on, if not the current one (a layer made on that one)."""
     name = config.name
     layer = Layer.of(paths, name)
     root = paths.machine_dir(name)
@@ -247,12 +253,15 @@ def add(
     # A bootstrap takes minutes: no bus connection is held meanwhile (one held across
     # it was found dead afterwards, "Transport endpoint is not connected").
     image = ImageStore(paths.image_dir).ensure(config.image)
+    lower = version or image.current
     with Systemd.connect() as systemd:
         uid_base = uid_base_for(paths, config, keep=layer_from)
         if uid_base:
-            check_idmap_support(image.current)
+            check_idmap_support(lower)
         known_id = layer_from.machine_id if layer_from else None
-        rendering = rendering_for(paths, config, image, known_id=known_id, uid_base=uid_base)
+        rendering = rendering_for(
+            paths, config, image, known_id=known_id, uid_base=uid_base, version=lower
+        )
         verify_units(rendering.host, [socket_unit(name), service_unit(name)])
         # Each step is recorded before it is taken: an error takes them back here, a
         # kill -9 has the next nspawnctl take them back (intent.py).
@@ -265,7 +274,7 @@ def add(
             create_layer(
                 layer,
                 rendering,
-                image.current,
+                lower,
                 name,
                 uid_base,
                 resources=config.resources,

@@ -50,7 +50,7 @@ from nspawnctl.names import check_machine_name
 from nspawnctl.paths import Paths
 from nspawnctl.recipe import TEMPLATE, Recipe, parse_image
 from nspawnctl.run import run
-from nspawnctl.store import ImageStore
+from nspawnctl.store import ImageStore, version_digest
 from nspawnctl.userns import RANGE
 
 METADATA = tar.EXPORT_METADATA
@@ -136,8 +136,11 @@ class Imported:
     new_identity: bool  # a new machine-id and host key (the exported ones are in use)
 
 
-def import_(paths: Paths, file: Path, name: str | None = None) -> Imported:
-    """Recreate the container of an export, all or nothing."""
+def import_(
+    paths: Paths, file: Path, name: str | None = None, *, image_digest: str | None = None
+) -> Imported:
+    """Recreate the container of an export, all or nothing. `image_digest`: on that
+    version of its image (version_digest), not on the current one."""
     archive = file.absolute()
     if not archive.is_file():
         what = "no such file" if not os.path.lexists(archive) else "not a regular file"
@@ -157,18 +160,37 @@ def import_(paths: Paths, file: Path, name: str | None = None) -> Imported:
         config = parse_config(name, load_yaml(config_text, where), where)
         config = dataclasses.replace(config, source=paths.config_file(name))
         if manifest.full:
+            if image_digest is not None:
+                raise UsageError("--image-digest is for an export of a layer, not --full")
             return _import_full(paths, archive, config, manifest)
-        return _import_layer(paths, readable, config, config_text, manifest)
+        return _import_layer(
+            paths, readable, config, config_text, manifest, image_digest=image_digest
+        )
 
 
 def _import_layer(
-    paths: Paths, readable: Path, config: ContainerConfig, config_text: str, manifest: Manifest
+    paths: Paths,
+    readable: Path,
+    config: ContainerConfig,
+    config_text: str,
+    manifest: Manifest,
+    *,
+    image_digest: str | None = None,
 ) -> Imported:
     # A template's own recipe says what it was made from: built from that if missing.
     recipe = manifest.recipe if manifest.recipe.key == config.image.key else config.image
     # Before anything is written: a missing template is an error, a missing
     # distribution image is bootstrapped (as `add` would).
-    ImageStore(paths.image_dir).ensure(recipe)
+    image = ImageStore(paths.image_dir).ensure(recipe)
+    version = None
+    if image_digest is not None:
+        version = next((v for v in image.versions() if version_digest(v) == image_digest), None)
+        if version is None:
+            raise OperationError(
+                f"image {recipe.image} ({image.key}) has no version with digest "
+                f"{image_digest[:12]}",
+                hint="see `nspawnctl image list --json --digest`",
+            )
     name = config.name
     staging = Layer(Layer.of(paths, name).path.with_name(f".{name}.import-{os.getpid()}"))
     try:
@@ -185,7 +207,7 @@ def _import_layer(
             mid = uuid.uuid4().hex
         assert mid is not None
         staging.keep_machine_id(mid)
-        container.add(paths, config, config_text, layer_from=staging)
+        container.add(paths, config, config_text, layer_from=staging, version=version)
     finally:
         if staging.path.exists():  # add takes it over; not if it failed before
             remove_tree(staging.path)

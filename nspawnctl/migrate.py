@@ -5,8 +5,9 @@ It is built of what each side already does whole: `export` of the layer here, `i
 there (all or nothing), `remove` here. In order:
 1. ask, changing nothing: the far nspawnctl's version; that NAME is free there and its
    addresses too (`add --check`); that the image version the layer sits on is there,
-   the very one (by its digest, version_digest: not by name). If the far store has no
-   image of that recipe, the version is sent there (a cache: nothing to take back);
+   the very one (by its digest, version_digest: not by name), current or not. If the
+   far store lacks it, it is sent there, beside the versions it has (a cache: nothing
+   to take back), and the layer is imported onto it there;
 2. a running container's layer is exported and sent while it runs (not frozen: a
    first pass), with rsync if both hosts have it;
 3. close the socket here (a connection is refused, not booted here), power the
@@ -27,6 +28,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import shlex
 import shutil
 import tempfile
 import time
@@ -89,6 +91,8 @@ def migrate(
                             hint=f"keep one: `nspawnctl migrate --abort {name}` and remove it "
                             f"there, or stop it here and run this again",
                         )
+                if _was_enabled(pending(paths, name)):
+                    far.call(["enable", name])
                 _finish(paths, name, keep)
                 return Moved(name, destination, 0.0, finished_only=True)
             raise UsageError(
@@ -102,33 +106,44 @@ def migrate(
             yaml = Path(tmp) / f"{name}.yaml"
             yaml.write_text(config_text)
             far.call(["add", "--check", name, "-f", str(yaml)], [Sent(yaml, "0.yaml", "input")])
-            missing = _missing_image(paths, far, name)
+            missing, digest = _missing_image(paths, far, name)
             if missing is not None:
                 _send_image(far, missing, Path(tmp))
             checkpoint(f"migrate: {name} checked")
-            return _move(paths, name, far, Path(tmp), keep=keep, cold=cold)
+            return _move(paths, name, far, Path(tmp), Plan(keep, cold, digest))
 
 
-def _move(paths: Paths, name: str, far: Connection, tmp: Path, *, keep: bool, cold: bool) -> Moved:
+@dataclass(frozen=True)
+class Plan:
+    keep: bool  # here, stopped, afterwards
+    cold: bool  # no copy while it runs
+    image_digest: str  # of the image version its layer sits on, which the far host has
+
+
+def _move(paths: Paths, name: str, far: Connection, tmp: Path, plan: Plan) -> Moved:
     socket = socket_unit(name)
     with Systemd.connect() as systemd:
-        enabled = systemd.unit_file_state(socket) == "enabled"
+        # An earlier migrate cut short disabled it, and its record says it was enabled.
+        enabled = systemd.unit_file_state(socket) == "enabled" or _was_enabled(pending(paths, name))
         running = container.is_running(systemd, name)
     with contextlib.ExitStack() as stack:
         # A running container is copied while it runs, and then only what changed travels
         # while it is stopped: a plain .tar, whose unchanged files are the same bytes in
         # both passes (tar --sort=name), for rsync to find. Without rsync on both sides,
         # the whole layer goes while it is stopped, compressed.
-        precopy = running and not cold and shutil.which("rsync") is not None and far.has("rsync")
+        precopy = (
+            running and not plan.cold and shutil.which("rsync") is not None and far.has("rsync")
+        )
         archive = tmp / (f"{name}.tar" if precopy else f"{name}.tar.zst")
         remote = None
         if precopy:
             remote = f"{stack.enter_context(far.scratch())}/0.tar"
             export.export(paths, name, archive, full=False, force=True, draft=True)
             went = far.sync(archive, remote)
+            archive.unlink()  # rsync's basis is the copy there: no room for two here
             log.info("%s: copied while it runs (%s sent)", name, _size(went))
             checkpoint(f"migrate: {name} copied while running")
-        return _cut_over(paths, name, far, archive, remote, enabled=enabled, keep=keep)
+        return _cut_over(paths, name, far, archive, remote, enabled=enabled, plan=plan)
 
 
 def _cut_over(
@@ -139,7 +154,7 @@ def _cut_over(
     remote: str | None,
     *,
     enabled: bool,
-    keep: bool,
+    plan: Plan,
 ) -> Moved:
     """Closed and stopped here, its layer exported and sent (to `remote`, which holds a
     copy taken while it ran: only the difference travels), imported there, listening."""
@@ -153,7 +168,7 @@ def _cut_over(
         export.export(paths, name, archive, full=False, force=False)
         checkpoint(f"migrate: {name} exported")
         sent = True
-        _send_and_import(far, name, archive, remote)
+        _send_and_import(far, name, archive, remote, plan.image_digest)
         checkpoint(f"migrate: {name} imported there")
         if enabled:
             far.call(["enable", name])
@@ -163,7 +178,7 @@ def _cut_over(
             state = there["socket"]["state"] if there else "missing"
             raise OperationError(f"{far.destination}: {name}'s socket is {state} there")
         closed = time.monotonic() - started
-        _finish(paths, name, keep)
+        _finish(paths, name, plan.keep)
     except BaseException:
         if sent:
             record.close()  # kept: migrate again to finish, or --abort
@@ -200,8 +215,11 @@ def _close_and_stop(name: str, *, enabled: bool) -> None:
             raise OperationError(f"{name} started again here while it was being stopped")
 
 
-def _send_and_import(far: Connection, name: str, archive: Path, remote: str | None) -> None:
-    """The archive there, checked against its digest, and imported (all or nothing)."""
+def _send_and_import(
+    far: Connection, name: str, archive: Path, remote: str | None, image_digest: str
+) -> None:
+    """The archive there, checked against its digest, and imported (all or nothing) on
+    the image version of `image_digest` there."""
     digest = _sha256(archive)
     with contextlib.ExitStack() as stack:
         if remote is None:
@@ -210,14 +228,16 @@ def _send_and_import(far: Connection, name: str, archive: Path, remote: str | No
             went = far.sync(archive, remote)
             log.info("%s: what changed meanwhile sent (%s)", name, _size(went))
             where = {str(archive): remote}
-        received = far.run(f"sha256sum -- {where[str(archive)]}", what="checking").stdout
-        if received.decode(errors="replace").split()[:1] != [digest]:
+        checked = far.run(shlex.join(["sha256sum", "--", where[str(archive)]]), what="checking")
+        if checked.returncode != 0:
+            raise far.failed(checked)
+        if checked.stdout.decode(errors="replace").split()[:1] != [digest]:
             raise OperationError(
                 f"{far.destination}: the archive of {name} arrived damaged",
                 hint="run `nspawnctl migrate` again",
             )
         checkpoint(f"migrate: {name} sent")
-        far.call_sent(["import", str(archive)], where)
+        far.call_sent(["import", str(archive), "--image-digest", image_digest], where)
 
 
 def _size(count: int) -> str:
@@ -259,10 +279,21 @@ def abort(paths: Paths, name: str) -> None:
 def _reopen(name: str, record: Path | None = None) -> None:
     """The socket here listens again, and is enabled again if migrate disabled it."""
     with contextlib.suppress(OperationError), Systemd.connect() as systemd:
-        if record is not None and '"enabled"' in record.read_text():
+        if _was_enabled(record):
             systemd.enable([socket_unit(name)])
             systemd.reload()
         systemd.start(socket_unit(name))
+
+
+def _was_enabled(record: Path | None) -> bool:
+    """Whether the record of a migrate says its socket was enabled before it began."""
+    if record is None:
+        return False
+    try:
+        options = json.loads(record.read_text()).get("options") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return "enabled" in options
 
 
 def _quiet(systemd: Systemd, name: str) -> bool:
@@ -281,10 +312,10 @@ def _status(far: Connection, name: str) -> dict[str, Any] | None:
     return status
 
 
-def _missing_image(paths: Paths, far: Connection, name: str) -> Path | None:
-    """The layer is a difference against one exact image version, which must be the
-    current version there, by content (version_digest, not by name). None if it is;
-    the version to send if the far host has no image of that recipe at all."""
+def _missing_image(paths: Paths, far: Connection, name: str) -> tuple[Path | None, str]:
+    """The layer is a difference against one exact image version, which must be there,
+    by content (version_digest, not by name). (the version to send, or None if the far
+    store has it; its digest)."""
     config, _text = require_container(paths, name)
     version = mounted_lower(paths.machine_dir(name)) or container.installed_lower(paths, name)
     if version is None:
@@ -292,31 +323,31 @@ def _missing_image(paths: Paths, far: Connection, name: str) -> Path | None:
     ours = version_digest(version)
     images = json.loads(far.call(["image", "list", "--json", "--digest"]))
     theirs = next((i for i in images if i["key"] == config.image.key), None)
-    if theirs is None:
-        return version
-    if theirs.get("digest") != ours:
-        # Sending ours as its current version would change what every container there
-        # made of it starts on next: an image update of that host, not this verb's to do.
-        raise OperationError(
-            f"{far.destination} has another version ({theirs['version']}, digest "
-            f"{str(theirs.get('digest'))[:12]}) of the image {config.image.image} "
-            f"({config.image.key}) that {name}'s layer sits on here ({version.name}, "
-            f"digest {ours[:12]})",
-            hint="bring both to the same version first (`nspawnctl image update` here "
-            "or there), or `export --full` here and `import` there (a template)",
+    if theirs is not None and ours in theirs.get("versions", {}).values():
+        return None, ours
+    if theirs is not None:
+        # Beside its current version, not instead of it: what the other containers there
+        # start on next is an `image update` of that host, not this verb's to change.
+        log.info(
+            "%s has another version (%s) of %s: sending %s's beside it",
+            far.destination,
+            theirs["version"],
+            config.image.image,
+            name,
         )
-    return None
+    return version, ours
 
 
 def _send_image(far: Connection, version: Path, tmp: Path) -> None:
-    """The image version goes to the far store under its own recipe and key, checked
-    there against its digest. While the container still runs here: an image is only a
-    cache there, and a migrate that stops later leaves it for the next one."""
+    """The image version goes to the far store under its own recipe and key (beside the
+    versions it has there), checked there against its digest. While the container still
+    runs here: an image is only a cache there, and a migrate that stops later leaves it
+    for the next one."""
     recipe = version.parent / "recipe.json"
     archive = tmp / "image.tar.zst"
     tar.create(archive, [(version, ["."])])
     log.info(
-        "%s has no image %s: sending it (%s)",
+        "%s lacks this version of image %s: sending it (%s)",
         far.destination,
         version.parent.name,
         _size(archive.stat().st_size),

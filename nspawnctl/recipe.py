@@ -25,6 +25,7 @@ TEMPLATE = "template"
 
 _RELEASE_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,31}\Z")
 _TEMPLATE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
+PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]*\Z")  # as apt and dnf name them
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,10 @@ def received_recipe(text: str) -> Recipe:
     if not all(isinstance(v, str | None) for k, v in data.items() if k != "packages"):
         raise ValueError("every field but packages is a string or null")
     packages = data.get("packages") or []
-    if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
-        raise ValueError("packages is a list of strings")
+    if not isinstance(packages, list) or not all(
+        isinstance(p, str) and PACKAGE_RE.match(p) for p in packages
+    ):
+        raise ValueError("packages is a list of package names")
     recipe = Recipe(**{**data, "packages": tuple(packages)})
     base = parse_image(recipe.image)
     again = with_bootstrap(

@@ -14,6 +14,7 @@ from nspawnctl.config import ContainerConfig, load_config
 from nspawnctl.conflicts import check_conflicts, check_host_ports, host_listeners
 from nspawnctl.container import (
     image_version,
+    installed_lower,
     load_all,
     reload_networkd,
     rendering_for,
@@ -121,8 +122,12 @@ def plan(paths: Paths, config: ContainerConfig, config_text: str) -> Plan:
             hint=f"`nspawnctl remove {name}` first (export it to keep its data), then apply",
         )
     image = ImageStore(paths.image_dir).find(config.image)
-    rendering = rendering_for(paths, config, image)
-    lower = image_version(paths, config, image)
+    # An installed container stays on the version it is on (a rollback's, a migrated
+    # one's beside the current one): only `image update` moves it on (repoint_users).
+    on = installed_lower(paths, name)
+    version = on if on is not None and on.is_dir() else None
+    rendering = rendering_for(paths, config, image, version=version)
+    lower = version or image_version(paths, config, image)
     layer = Layer.of(paths, name)
 
     def read(path: Path, guest: PurePosixPath | None) -> str | None:

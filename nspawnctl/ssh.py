@@ -152,9 +152,11 @@ class Connection:
             out, err = proc.communicate()
         if proc.returncode != 0:
             lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+            # 255 and 12 (its stream cut) are ssh's; else rsync says what (a full disk).
+            cut = proc.returncode in (12, SSH_FAILED)
             raise OperationError(
                 f"{self.destination}: rsync of {local.name}: {lines[0] if lines else 'failed'}",
-                hint=f"check `ssh {host}` on its own",
+                hint=f"check `ssh {host}` on its own" if cut else None,
             )
         found = re.search(rb"^Total bytes sent: ([0-9,.]+)", out, re.MULTILINE)
         return int(re.sub(rb"[,.]", b"", found.group(1))) if found else 0
@@ -281,7 +283,7 @@ class Connection:
         """A verb of the far nspawnctl whose files were sent already (`sent`)."""
         done = self.run(self.nspawnctl_argv(verb, where), what=verb[0])
         if done.returncode != 0:
-            raise self._failed(done)
+            raise self.failed(done)
         return done.stdout.decode(errors="replace")
 
     def ask(self, verb: Sequence[str]) -> tuple[Any, str | None]:
@@ -297,9 +299,10 @@ class Connection:
                     f"{self.destination}: {verb[0]}: its answer is not JSON"
                 ) from None
             return answer, (far_said(done)[0] if done.returncode else None)
-        raise self._failed(done)
+        raise self.failed(done)
 
-    def _failed(self, done: subprocess.CompletedProcess[bytes]) -> OperationError:
+    def failed(self, done: subprocess.CompletedProcess[bytes]) -> OperationError:
+        """What a command there said when it failed, as our error."""
         said, hint = far_said(done)
         return OperationError(f"{self.destination}: {said}", hint=hint)
 
@@ -337,9 +340,14 @@ def _add(tar: tarfile.TarFile, sent: Sent) -> None:
         tar.add(top, arcname=name)
         return
     tar.add(top, arcname=name, recursive=False)
-    for entry in sorted(top.iterdir()):
-        # What this machine's nspawnctl would read there; a dangling link goes as it is.
-        tar.add(entry.resolve() if entry.exists() else entry, arcname=f"{name}/{entry.name}")
+    # What apply reads there, as this machine's nspawnctl reads it here, and nothing
+    # else: a link to ~/.ssh beside them stays here.
+    # A dangling link or a directory goes as it is, for the far apply to refuse as this
+    # one would (left out, it would look removed from DIR to --prune).
+    for entry in sorted(top.glob("*.yaml")):
+        if not entry.name.startswith("."):
+            found = entry.resolve() if entry.is_file() else entry
+            tar.add(found, arcname=f"{name}/{entry.name}", recursive=False)
 
 
 def far_said(done: subprocess.CompletedProcess[bytes]) -> tuple[str, str | None]:

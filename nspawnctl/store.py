@@ -126,22 +126,52 @@ class ImageStore:
             self._refuse_existing(recipe)
             return self._build(recipe, lambda rootfs, _progress: _copy_tree(source, rootfs))
 
-    def receive(self, recipe: Recipe, archive: Path, digest: str | None = None) -> Image:
-        """Image `recipe` made of an archive of one of its versions from another host
-        (`image export` there): under the recipe's own key, so the containers that name
-        it find it here and nothing is built again. The archive is read as every imported
-        one is (bootstrap/tar.py: it may be hostile). `digest`: the version_digest the
-        version had there; another one here and nothing is kept."""
+    def receive(self, recipe: Recipe, archive: Path, digest: str | None = None) -> Path:
+        """A version of image `recipe` made of an archive of it from another host (`image
+        export` there), under the recipe's own key, so that the containers naming it find
+        it here and nothing is built again; the version's path. The archive is read as
+        every imported one is (bootstrap/tar.py: it may be hostile). `digest`: the
+        version_digest it had there; another one here and nothing is kept.
+        An image that is here already gets it as one more version beside its current one
+        (the containers that come with it sit on it; the next `image update` moves them
+        on, as it moves every other), unless one of its versions is that very one."""
         unpacked = Recipe(method="tar", source=str(archive))
         builder = bootstrapper("tar")
         builder.check(unpacked)
+
+        def fill(rootfs: Path, progress: Progress) -> None:
+            builder.build(unpacked, rootfs, progress)
+
         with self.locked():
-            self._refuse_existing(recipe)
-            return self._build(
-                recipe,
-                lambda rootfs, progress: builder.build(unpacked, rootfs, progress),
-                digest=digest,
-            )
+            image = self.find(recipe)
+            if image is None:
+                return self._build(recipe, fill, digest=digest).current
+            if digest is not None:
+                for version in image.versions():
+                    if version_digest(version) == digest:
+                        return version
+            number = int(image.next_version[1:])
+            staging = image.path / f".v{number}.tmp"
+            if staging.exists():  # left by an interrupted update
+                delete(staging)
+            version = image.path / f"v{number}"
+            digest_cache(version).unlink(missing_ok=True)  # of a version deleted since
+            try:
+                fill(staging, Progress(f"receiving {recipe.image}"))
+                finish_rootfs(staging, recipe.source or recipe.image)
+                _check_digest(staging, digest, recipe)
+                staging.rename(version)
+            except BaseException:
+                delete(staging)
+                raise
+            finally:
+                # Worked out on the staging name: kept under the version's, if it is one.
+                kept = digest_cache(staging)
+                with contextlib.suppress(OSError):
+                    if version.is_dir():
+                        kept.rename(digest_cache(version))
+                    kept.unlink(missing_ok=True)
+            return version
 
     def _refuse_existing(self, recipe: Recipe) -> None:
         if self.find(recipe) is not None:
@@ -163,12 +193,7 @@ class ImageStore:
             log.info("building image %s (%s)", recipe.image, recipe.describe())
             fill(staging / "v1", progress)
             finish_rootfs(staging / "v1", recipe.source or recipe.image)
-            if digest is not None and (made := version_digest(staging / "v1")) != digest:
-                raise OperationError(
-                    f"image {recipe.image}: what arrived is not the version it was made "
-                    f"of (digest {made[:12]}, expected {digest[:12]})",
-                    hint="export it again; see `nspawnctl image list --json --digest` there",
-                )
+            _check_digest(staging / "v1", digest, recipe)
             (staging / "recipe.json").write_text(recipe.to_json())
             (staging / "current").symlink_to("v1")
             staging.chmod(0o755)
@@ -192,6 +217,8 @@ class ImageStore:
             if staging.exists():  # left by an interrupted update
                 delete(staging)
             try:
+                # A digest kept for an earlier version of this number, deleted since.
+                digest_cache(image.path / f"v{number}").unlink(missing_ok=True)
                 copy_tree(old, staging)
                 checkpoint("image update: copied")
                 run(
@@ -231,6 +258,7 @@ class ImageStore:
             for version in image.versions():
                 if version != image.current and version not in in_use:
                     delete(version)
+                    digest_cache(version).unlink(missing_ok=True)
                     gone.append(version)
         return gone
 
@@ -246,6 +274,15 @@ class ImageStore:
             path = recipe_file.parent
             found.append(Image(path.name, path, Recipe.from_json(recipe_file.read_text())))
         return found
+
+
+def _check_digest(version: Path, digest: str | None, recipe: Recipe) -> None:
+    if digest is not None and (made := version_digest(version)) != digest:
+        raise OperationError(
+            f"image {recipe.image}: what arrived is not the version it was made of "
+            f"(digest {made[:12]}, expected {digest[:12]})",
+            hint="export it again; see `nspawnctl image list --json --digest` there",
+        )
 
 
 def _copy_tree(source: Path, target: Path) -> None:
@@ -388,13 +425,18 @@ def strip_identity(rootfs: Path) -> None:
         deb.unlink()
 
 
+def digest_cache(version: Path) -> Path:
+    """Where a version's digest is kept: beside it, hidden."""
+    return version.parent / f".{version.name}.sha256"
+
+
 def version_digest(version: Path) -> str:
     """A digest of one version's whole tree: every name, its type, mode and owner, a
     file's contents, a link's target, a device's number. Two hosts have the same version
     of an image only if this is the same (`migrate` compares them: a name or a recipe
     says what was asked for, not what was built). A version never changes once made, so
     it is worked out once (seconds for a few hundred MB) and kept beside it."""
-    cache = version.parent / f".{version.name}.sha256"
+    cache = digest_cache(version)
     with contextlib.suppress(OSError, UnicodeDecodeError):
         kept = cache.read_text().strip()
         if len(kept) == 64 and all(c in "0123456789abcdef" for c in kept):

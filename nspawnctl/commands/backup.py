@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from nspawnctl import backup, export
@@ -61,6 +62,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = parsers["import"]
     add_file(p, "file", role="input", metavar="FILE", type=Path)
     add_name(p, nargs="?", help="default: the exported name")
+    p.add_argument(
+        "--image-digest",
+        metavar="SHA256",
+        help="put the layer on the version of its image with this digest (image list "
+        "--json --digest), not on the current one (migrate does)",
+    )
 
 
 def run_snapshot(args: argparse.Namespace, paths: Paths) -> int:
@@ -132,7 +139,9 @@ def run_export(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def run_import(args: argparse.Namespace, paths: Paths) -> int:
-    done = export.import_(paths, args.file, args.name)
+    if args.image_digest is not None and not re.fullmatch(r"[0-9a-f]{64}", args.image_digest):
+        raise UsageError(f"--image-digest {args.image_digest!r} is not a SHA-256 in hex")
+    done = export.import_(paths, args.file, args.name, image_digest=args.image_digest)
     name = done.config.name
     if done.manifest.full:
         log.info("%s runs on the new template %s made of the tree", name, done.config.image.image)

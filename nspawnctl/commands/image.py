@@ -66,7 +66,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parsers["list"].add_argument(
         "--digest",
         action="store_true",
-        help="with --json: each current version's digest (worked out once, then kept)",
+        help="with --json: the digest of each current version (digest) and of every "
+        "version (versions), worked out once, then kept",
     )
     for verb in ("update", "remove", "export"):
         parsers[verb].add_argument(
@@ -149,7 +150,14 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
             "size_bytes": disk_usage(image.current),
             "containers": [c.name for c in users_of(paths, image)],
             "recipe": image.recipe.describe(),
-            **({"digest": version_digest(image.current)} if args.digest else {}),
+            **(
+                {
+                    "digest": version_digest(image.current),
+                    "versions": {v.name: version_digest(v) for v in image.versions()},
+                }
+                if args.digest
+                else {}
+            ),
         }
         for image in _store(paths).images()
     ]
@@ -264,7 +272,7 @@ def _import_received(paths: Paths, archive: Path, recipe_file: Path, digest: str
         ) from None
     if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise UsageError(f"--digest {digest!r} is not a SHA-256 in hex")
-    image = _store(paths).receive(recipe, archive, digest)
-    log.info("imported image %s (%s)", recipe.image, image.key)
-    print(image.path)
+    version = _store(paths).receive(recipe, archive, digest)
+    log.info("image %s (%s) has the version as %s", recipe.image, recipe.key, version.name)
+    print(version)
     return Exit.OK

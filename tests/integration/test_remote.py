@@ -4,6 +4,7 @@ and nspawnctl, and a client host that reaches them over a private bridge
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -447,7 +448,8 @@ def test_migrate_sends_the_image_to_a_host_that_has_none(hosts: Fleet) -> None:
             data = _far_ssh(hosts, 0, "2800", "sha256sum /srv/data").split()[0]
             try:
                 moved = on_client(hosts, "-H", a, "migrate", "lone", "--to", c)
-                assert "has no image" in moved.stderr and "moved to" in moved.stderr, moved.stderr
+                assert "lacks this version of image" in moved.stderr, moved.stderr
+                assert "moved to" in moved.stderr, moved.stderr
                 here, there = (
                     json.loads(nspawnctl(server, "image", "list", "--json", "--digest").stdout)
                     for server in (hosts.servers[0], bare)
@@ -460,8 +462,27 @@ def test_migrate_sends_the_image_to_a_host_that_has_none(hosts: Fleet) -> None:
                 argv[-2] = f"root@{c}"
                 assert hosts.client.run(argv, timeout=120).stdout.split()[0] == data
                 assert "lone" not in _on(hosts, 0)
+
+                # The host moves on to another version of the image: the next container
+                # gets its own version beside it, and sits on that one there.
+                nspawnctl(bare, "remove", "lone")
+                update = ["image", "update", "--no-snapshot", "debian:bookworm"]
+                nspawnctl(bare, *update, "--", "touch", "/etc/marker")
+                on_client(hosts, "-H", a, "add", "lone2", "--ssh", "2801", "--key", key)
+                moved = on_client(hosts, "-H", a, "migrate", "lone2", "--to", c)
+                assert "has another version (v2)" in moved.stderr, moved.stderr
+                [image] = json.loads(nspawnctl(bare, "image", "list", "--json", "--digest").stdout)
+                ours = {i["key"]: i["digest"] for i in here}[image["key"]]
+                assert image["version"] == "v2" and image["versions"]["v3"] == ours, image
+                argv = ssh_argv(2801, "test -e /etc/marker && echo updated || echo ours")
+                argv[-2] = f"root@{c}"
+                assert hosts.client.run(argv, timeout=120).stdout.strip() == "ours"
+                # A change of its YAML there leaves it on that version; so does a restart.
+                nspawnctl(bare, "set", "lone2", "resources.memory=300M")
+                nspawnctl(bare, "stop", "lone2")
+                assert hosts.client.run(argv, timeout=120).stdout.strip() == "ours"
             finally:
-                nspawnctl(hosts.servers[0], "remove", "lone", check=False)
-                nspawnctl(bare, "remove", "lone", check=False)
+                for server, name in itertools.product((hosts.servers[0], bare), ("lone", "lone2")):
+                    nspawnctl(server, "remove", name, check=False)
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", "--", str(store)], check=False)

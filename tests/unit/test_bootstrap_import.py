@@ -20,7 +20,7 @@ import pytest
 from nspawnctl.bootstrap import tar
 from nspawnctl.bootstrap.directory import Directory
 from nspawnctl.bootstrap.tar import Tar
-from nspawnctl.errors import NspawnctlError, OperationError, UsageError
+from nspawnctl.errors import NspawnctlError, OperationError
 from nspawnctl.recipe import Recipe, received_recipe
 from nspawnctl.run import run
 from nspawnctl.store import ImageStore, version_digest
@@ -194,11 +194,22 @@ def test_an_image_received_from_another_host_keeps_its_key_and_digest(
     archive = tmp_path / "image.tar.zst"
     tar.create(archive, [(made.current, ["."])])
     digest = version_digest(made.current)
-    image = store.receive(recipe, archive, digest)
-    assert image.key == recipe.key and image.recipe == recipe
-    assert version_digest(image.current) == digest
-    with pytest.raises(UsageError, match="exists already"):
-        store.receive(recipe, archive, digest)
+    version = store.receive(recipe, archive, digest)
+    image = store.find(recipe)
+    assert image is not None and image.recipe == recipe and version == image.current
+    assert version_digest(version) == digest
+    # Received again: that very version is there already, nothing is added.
+    assert store.receive(recipe, archive, digest) == version
+
+    # A store with another version of the image gets this one beside it, not current.
+    (tree / "etc/changed").write_text("another version\n")
+    other = ImageStore(tmp_path / "other")
+    other.import_tree(recipe, tree)
+    beside = other.receive(recipe, archive, digest)
+    image = other.find(recipe)
+    assert image is not None and beside == image.path / "v2" and image.current.name == "v1"
+    assert version_digest(beside) == digest and (image.path / ".v2.sha256").is_file()
+    assert not list(image.path.glob(".v*.tmp*"))
 
 
 def test_an_image_that_arrives_changed_is_not_kept(
