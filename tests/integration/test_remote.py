@@ -388,6 +388,7 @@ def _whole_on_one_side(f: Fleet, src: int, dst: int, data: str) -> None:
 def test_a_migrate_killed_at_each_step_is_finished_by_running_it_again(hosts: Fleet) -> None:
     key = f"{CLIENT_KEY}.pub"
     on_client(hosts, "-H", hosts.address(0), "add", "roamer", "--ssh", "2700", "--key", key)
+    on_client(hosts, "-H", hosts.address(0), "enable", "roamer")
     _far_ssh(hosts, 0, "2700", "head -c 300000 /dev/urandom > /srv/data")
     data = _far_ssh(hosts, 0, "2700", "sha256sum /srv/data").split()[0]
     src, dst = 0, 1
@@ -401,6 +402,9 @@ def test_a_migrate_killed_at_each_step_is_finished_by_running_it_again(hosts: Fl
             _whole_on_one_side(hosts, src, dst, data)
             again = _migrate_on(hosts, src, dst)
             assert "roamer" not in _on(hosts, src) and "roamer" in _on(hosts, dst), again.stderr
+            # Enabled here, enabled there: also when the killed run had disabled it here.
+            status = json.loads(nspawnctl(hosts.servers[dst], "status", "roamer", "--json").stdout)
+            assert status["socket"]["enabled"] == "enabled", (step, status["socket"])
             assert _far_ssh(hosts, dst, "2700", "sha256sum /srv/data").split()[0] == data
             src, dst = dst, src  # the next step moves it back
 
