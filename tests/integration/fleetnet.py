@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from subprocess import CompletedProcess
 
-from tests.integration.conftest import CLIENT_KEY, booted_host
+from tests.integration.conftest import CLIENT_KEY, booted_host, ssh_argv
 from tests.testhost import DEFAULT_MASK, TestHost, sh
 
 SUBNET = "10.231.0"
@@ -114,3 +114,10 @@ def on_client(
 ) -> CompletedProcess[str]:
     """nspawnctl run on the client host, as a user runs it there."""
     return f.client.run([sys.executable, "-m", "nspawnctl", *args], check=check, env=env)
+
+
+def far_ssh(f: Fleet, server: int, port: str, command: str) -> str:
+    """A real ssh client on the client host, to a container's port on a server."""
+    argv = ssh_argv(int(port), command)
+    argv[-2] = f"root@{f.address(server)}"
+    return f.client.run(argv, timeout=120).stdout
