@@ -50,7 +50,7 @@ from nspawnctl.names import check_machine_name
 from nspawnctl.paths import Paths
 from nspawnctl.recipe import TEMPLATE, Recipe, parse_image
 from nspawnctl.run import run
-from nspawnctl.store import ImageStore, version_digest
+from nspawnctl.store import ImageStore
 from nspawnctl.userns import RANGE
 
 METADATA = tar.EXPORT_METADATA
@@ -184,7 +184,7 @@ def _import_layer(
     image = ImageStore(paths.image_dir).ensure(recipe)
     version = None
     if image_digest is not None:
-        version = next((v for v in image.versions() if version_digest(v) == image_digest), None)
+        version = image.version_with(image_digest)
         if version is None:
             raise OperationError(
                 f"image {recipe.image} ({image.key}) has no version with digest "

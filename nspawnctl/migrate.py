@@ -108,7 +108,7 @@ def migrate(
             far.call(["add", "--check", name, "-f", str(yaml)], [Sent(yaml, "0.yaml", "input")])
             missing, digest = _missing_image(paths, far, name)
             if missing is not None:
-                _send_image(far, missing, Path(tmp))
+                _send_image(far, missing, digest, Path(tmp))
             checkpoint(f"migrate: {name} checked")
             return _move(paths, name, far, Path(tmp), Plan(keep, cold, digest))
 
@@ -338,7 +338,7 @@ def _missing_image(paths: Paths, far: Connection, name: str) -> tuple[Path | Non
     return version, ours
 
 
-def _send_image(far: Connection, version: Path, tmp: Path) -> None:
+def _send_image(far: Connection, version: Path, digest: str, tmp: Path) -> None:
     """The image version goes to the far store under its own recipe and key (beside the
     versions it has there), checked there against its digest. While the container still
     runs here: an image is only a cache there, and a migrate that stops later leaves it
@@ -353,7 +353,7 @@ def _send_image(far: Connection, version: Path, tmp: Path) -> None:
         _size(archive.stat().st_size),
     )
     verb = ["image", "import", str(archive), "--recipe", str(recipe)]
-    verb += ["--digest", version_digest(version)]
+    verb += ["--digest", digest]
     far.call(verb, [Sent(archive, "image.tar.zst", "input"), Sent(recipe, "recipe.json", "input")])
     archive.unlink()
     checkpoint(f"migrate: image {version.parent.name} sent")

@@ -54,6 +54,10 @@ class Image:
             key=lambda p: int(p.name[1:]),
         )
 
+    def version_with(self, digest: str) -> Path | None:
+        """Its version whose version_digest is `digest`, current or not."""
+        return next((v for v in self.versions() if version_digest(v) == digest), None)
+
 
 class ImageStore:
     def __init__(self, root: Path) -> None:
@@ -146,10 +150,8 @@ class ImageStore:
             image = self.find(recipe)
             if image is None:
                 return self._build(recipe, fill, digest=digest).current
-            if digest is not None:
-                for version in image.versions():
-                    if version_digest(version) == digest:
-                        return version
+            if digest is not None and (there := image.version_with(digest)) is not None:
+                return there
             number = int(image.next_version[1:])
             staging = image.path / f".v{number}.tmp"
             if staging.exists():  # left by an interrupted update
